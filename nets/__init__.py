@@ -1,0 +1,1 @@
+"""lungscreen models and the shared training core (`nets.train.Learner`)."""

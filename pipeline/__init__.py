@@ -1,0 +1,1 @@
+"""lungscreen orchestration: CLI, batch runs, stage cache, evaluation, benchmarks."""

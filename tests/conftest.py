@@ -1,0 +1,18 @@
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def lung1():
+    """``(image_path, label_path)`` of the real lung1 chest CT, or skip with the reason."""
+    from pipeline.data import DataUnavailable, lung1_paths
+
+    try:
+        return lung1_paths()
+    except DataUnavailable as exc:
+        pytest.skip(f"lung1 CT not available: {exc}")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
