@@ -1,0 +1,95 @@
+"""The stages a pipeline run can list in its config, as thin adapters around ``stages``.
+
+A step reads named values from the scan's state (``path``, ``ct``, ``ct_1mm``, ...) and
+returns new named values; its keyword arguments are the keys of the config section of
+the same name.  ``configs/default.yaml``'s ``stages:`` list says which run, in order::
+
+    stages: [ingest, resample, lungmask, candidates, classify]
+
+To swap a stage, point the registry entry at another function with the same inputs and
+outputs; nothing else changes.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["Step", "STEPS", "get_step"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step: ``fn(**inputs, **settings) -> dict`` of ``outputs``."""
+
+    name: str
+    fn: Callable
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    modules: tuple[str, ...]  # whose source code is part of the cache key
+    cache: bool = True
+
+
+def _ingest(path, *, series_uid=None):
+    from stages.ingest import read_scan
+
+    return {"ct": read_scan(path, series_uid=series_uid)}
+
+
+def _resample(ct, *, spacing_mm=(1.0, 1.0, 1.0), device="auto"):
+    from stages.resample import resample
+
+    return {"ct_1mm": resample(ct, spacing_mm=tuple(spacing_mm), device=_device(device))}
+
+
+def _lungmask(ct_1mm, **settings):
+    from stages.lungmask import segment_lungs
+
+    return {"lung_mask": segment_lungs(ct_1mm, **settings)}
+
+
+def _candidates(ct_1mm, lung_mask, *, device="auto", **settings):
+    from stages.candidates import find_candidates
+
+    return {"candidates": find_candidates(ct_1mm, lung_mask, device=_device(device), **settings)}
+
+
+def _classify(ct_1mm, candidates, *, weights=None, device="auto", **settings):
+    from pipeline.classify import classify_candidates
+
+    return {"candidates": classify_candidates(ct_1mm, candidates, weights=weights,
+                                              device=_device(device), **settings)}
+
+
+def _device(device):
+    return None if device in (None, "auto") else device
+
+
+STEPS: dict[str, Step] = {
+    "ingest": Step("ingest", _ingest, ("path",), ("ct",), ("stages.ingest", "stages.hounsfield")),
+    "resample": Step("resample", _resample, ("ct",), ("ct_1mm",), ("stages.resample",)),
+    "lungmask": Step("lungmask", _lungmask, ("ct_1mm",), ("lung_mask",), ("stages.lungmask",)),
+    "candidates": Step("candidates", _candidates, ("ct_1mm", "lung_mask"), ("candidates",),
+                       ("stages.candidates", "stages.features", "stages.cluster")),
+    "classify": Step("classify", _classify, ("ct_1mm", "candidates"), ("candidates",),
+                     ("pipeline.classify", "nets.cnn3d", "stages.patches")),
+}
+
+
+def get_step(name: str) -> Step:
+    """The registered step ``name``; ValueError listing the known ones otherwise."""
+    if name not in STEPS:
+        raise ValueError(f"unknown stage {name!r} in config; known stages: {', '.join(STEPS)}")
+    return STEPS[name]
+
+
+def module_files(step: Step) -> list[Path]:
+    """Source files of the step's modules (for the cache key)."""
+    files = []
+    for mod in step.modules:
+        try:
+            files.append(Path(importlib.import_module(mod).__file__))
+        except ImportError:
+            continue
+    return files

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.batch import discover_scans
+from stages.errors import ScanError
+
+
+def _touch(path: Path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_dsb_layout_one_scan_per_patient_folder(tmp_path):
+    for patient in ("p2", "p1"):
+        for i in range(3):
+            _touch(tmp_path / patient / f"{i:03d}")
+    _touch(tmp_path / "stage1_labels.csv")
+    assert discover_scans(tmp_path) == [tmp_path / "p1", tmp_path / "p2"]
+
+
+def test_luna_tree_and_single_series_and_list_file(tmp_path):
+    mhd = [_touch(tmp_path / "luna" / f"subset{s}" / f"1.2.{s}.mhd") for s in (1, 0)]
+    for m in mhd:
+        _touch(m.with_suffix(".raw"))
+    _touch(tmp_path / "luna" / "annotations.csv")
+    assert discover_scans(tmp_path / "luna") == sorted(mhd)
+    series = tmp_path / "series"
+    _touch(series / "IM1")
+    _touch(series / "IM2")
+    assert discover_scans(series) == [series]
+    listing = _touch(tmp_path / "list.txt", f"# my scans\n{mhd[0]}\nseries\n".encode())
+    assert discover_scans(listing) == [mhd[0], series]
+
+
+def test_limit_only_and_duplicates(tmp_path):
+    for patient in ("a", "b", "c"):
+        _touch(tmp_path / patient / "1.dcm")
+    assert discover_scans(tmp_path, limit=2) == [tmp_path / "a", tmp_path / "b"]
+    assert discover_scans(tmp_path, only=["c"]) == [tmp_path / "c"]
+    listing = _touch(tmp_path / "l.lst", f"{tmp_path / 'a'}\n{tmp_path / 'a'}\n".encode())
+    assert discover_scans(listing) == [tmp_path / "a"]
+
+
+def test_missing_source_is_a_clean_error(tmp_path):
+    with pytest.raises(ScanError, match="no such file or folder"):
+        discover_scans(tmp_path / "nope")
