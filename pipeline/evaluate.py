@@ -1,0 +1,474 @@
+"""LUNA16 FROC evaluation: the rules of the challenge's ``noduleCADEvaluationLUNA16.py``.
+
+What the official script does, and so what :func:`froc` does
+-------------------------------------------------------------
+* **Mark cap.**  When a scan has more than ``max_marks_per_scan`` (100) marks, the
+  script keeps the marks whose probability is *strictly greater* than the
+  ``(cap + 1)``-th highest one.  With distinct scores that is the top 100; marks
+  tied at the cut are all dropped.
+* **Hit.**  A mark hits a finding when its squared distance to the finding's centre
+  is *strictly less* than ``(diameter_mm / 2) ** 2`` (``dist < radiusSquared``).
+  A finding with a negative diameter (LUNA16's ``-1`` rows in
+  ``annotations_excluded.csv``) gets a 10 mm diameter.
+* **Excluded findings.**  Marks hitting a finding of ``annotations_excluded.csv``
+  (and no nodule) are removed: neither true nor false positives.  A mark that hits a
+  nodule counts for the nodule even when it also hits an excluded finding.
+* **Several hits on one nodule** count once, with the highest probability of the marks
+  hitting it.  A mark hitting two nodules counts for both.
+* **Missed nodules** count in the denominator of the sensitivity only.
+* **Curve.**  ``sklearn.metrics.roc_curve`` on (nodule hits, false positives); the FP
+  axis is divided by the number of scans, the TP axis by the number of nodules.  The
+  sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FP/scan is ``np.interp`` on that curve;
+  the CPM (competition performance metric) is their mean.
+* **Bootstrap.**  Scans are drawn with replacement (``n_bootstrap`` = 1000 times),
+  the curve is recomputed on each sample, and the 95 % interval is the official
+  ``compute_mean_ci``'s: sorted values at ``floor(0.025 n)`` and ``floor(0.975 n)``.
+  The official script bootstraps the curve only; here the CPM of each bootstrap curve
+  gives ``cpm_ci95`` by the same rule.
+
+The ROC points are computed here with numpy exactly as scikit-learn's ``roc_curve``
+(default ``drop_intermediate=True``) computes them, so scikit-learn is not needed at
+run time; a test compares the two.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FrocResult", "froc", "write_froc", "read_seriesuids", "add_arguments",
+           "run_from_args", "main", "FP_RATES", "ANNOTATION_COLUMNS", "CANDIDATE_COLUMNS"]
+
+#: The seven operating points of the LUNA16 CPM, in false positives per scan.
+FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: Columns an annotation table (annotations.csv, annotations_excluded.csv) must have.
+ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+#: Columns a candidate (CAD mark) table must have; ``score`` may stand for ``probability``.
+CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+#: Diameter the official script gives an excluded finding stored with a negative diameter.
+UNKNOWN_DIAMETER_MM = 10.0
+#: x-axis range of the official FROC plot and bootstrap band, FP/scan.
+FROC_MIN_FPS, FROC_MAX_FPS = 0.125, 8.0
+#: Number of points of the official bootstrap band grid (``np.linspace(0.125, 8, 10000)``).
+BAND_POINTS = 10000
+
+
+@dataclass(frozen=True, eq=False)
+class FrocResult:
+    """FROC curve and summary of one evaluation.
+
+    Attributes
+    ----------
+    fps_per_scan, sensitivity, thresholds : (K,) ndarray
+        The ROC points of the official script: average false positives per scan,
+        fraction of nodules detected, and the probability threshold (``inf`` first).
+    sensitivity_at : dict of float -> float
+        Sensitivity at each requested FP/scan rate (``np.interp`` on the curve).
+    cpm : float
+        Mean of ``sensitivity_at`` (the LUNA16 competition performance metric).
+    cpm_ci95 : (float, float)
+        Bootstrap 95 % interval of the CPM (``nan`` when ``n_bootstrap`` is 0).
+    sensitivity_at_ci95 : dict of float -> (float, float)
+        Bootstrap 95 % interval of each ``sensitivity_at`` value.
+    n_nodules, n_scans, n_candidates : int
+        Nodules counted, scans counted, marks kept after the per-scan cap.
+    candidate_recall : float
+        Fraction of nodules hit by any mark, whatever its score and before the cap.
+    n_true_positives, n_false_positives, n_ignored : int
+        Nodules detected, marks counted as false positives, marks on excluded findings.
+    band_fps, band_mean, band_lo, band_hi : ndarray
+        Official bootstrap band: mean and 95 % limits on ``linspace(0.125, 8, 10000)``
+        (empty when ``n_bootstrap`` is 0).
+    """
+
+    fps_per_scan: np.ndarray
+    sensitivity: np.ndarray
+    thresholds: np.ndarray
+    sensitivity_at: dict
+    cpm: float
+    cpm_ci95: tuple
+    sensitivity_at_ci95: dict
+    n_nodules: int
+    n_scans: int
+    n_candidates: int
+    candidate_recall: float
+    n_true_positives: int = 0
+    n_false_positives: int = 0
+    n_ignored: int = 0
+    n_bootstrap: int = 0
+    band_fps: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    band_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    band_lo: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    band_hi: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def summary(self) -> dict:
+        """JSON-ready summary (no curve arrays)."""
+        return {
+            "cpm": self.cpm, "cpm_ci95": list(self.cpm_ci95),
+            "sensitivity_at": {f"{k:g}": v for k, v in self.sensitivity_at.items()},
+            "sensitivity_at_ci95": {f"{k:g}": list(v) for k, v in self.sensitivity_at_ci95.items()},
+            "n_nodules": self.n_nodules, "n_scans": self.n_scans,
+            "n_candidates": self.n_candidates, "candidate_recall": self.candidate_recall,
+            "n_true_positives": self.n_true_positives, "n_false_positives": self.n_false_positives,
+            "n_ignored_on_excluded": self.n_ignored, "n_bootstrap": self.n_bootstrap,
+        }
+
+
+# ----------------------------------------------------------------------------- inputs
+def _check_table(df, required, what: str, *, alias: Mapping[str, str] | None = None) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{what} must be a pandas DataFrame, got {type(df).__name__}; "
+                        f"read the CSV with pandas.read_csv first")
+    df = df.copy()
+    for want, alt in (alias or {}).items():
+        if want not in df.columns and alt in df.columns:
+            df = df.rename(columns={alt: want})
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        extra = "".join(f" (or '{alt}' for '{want}')" for want, alt in (alias or {}).items()
+                        if want in missing)
+        raise ValueError(f"{what} is missing column(s) {missing}{extra}; it has {list(df.columns)}. "
+                         f"LUNA16 tables need {list(required)}")
+    df["seriesuid"] = df["seriesuid"].astype(str)
+    for col in required[1:]:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna()
+        if bad.any():
+            raise ValueError(f"{what} column '{col}' has {int(bad.sum())} non-numeric or empty "
+                             f"value(s), first at row {int(np.flatnonzero(bad.to_numpy())[0])}")
+        df[col] = values.astype(np.float64)
+    return df
+
+
+def read_seriesuids(path) -> list[str]:
+    """Scan list of a LUNA16 ``seriesuids.csv``: first column, header ``seriesuid`` optional.
+
+    Examples
+    --------
+    >>> import io
+    >>> read_seriesuids(io.StringIO("1.2.3\\n1.2.4\\n"))
+    ['1.2.3', '1.2.4']
+    """
+    df = pd.read_csv(path, header=None, dtype=str)
+    uids = [u.strip() for u in df.iloc[:, 0].dropna().tolist()]
+    if uids and uids[0].lower() == "seriesuid":
+        uids = uids[1:]
+    return uids
+
+
+def _cap_marks(probs: np.ndarray, cap: int) -> np.ndarray:
+    """Boolean keep-mask of the official cap: probability > the (cap+1)-th highest one."""
+    keep = np.ones(probs.size, dtype=bool)
+    if cap > 0 and probs.size > cap:
+        threshold = np.sort(probs)[::-1][cap]
+        keep = probs > threshold
+        # the script also stops after `cap` marks (in file order); only reachable with ties
+        keep[np.flatnonzero(keep)[cap:]] = False
+    return keep
+
+
+# ----------------------------------------------------------------------------- ROC
+def _roc_counts(y: np.ndarray, score: np.ndarray, weight: np.ndarray | None = None):
+    """``(fps, tps, thresholds)`` counts as scikit-learn's ``roc_curve`` computes them.
+
+    Points at each distinct score (descending), collinear points dropped
+    (``drop_intermediate=True``), and ``(0, 0, inf)`` prepended.
+    """
+    order = np.argsort(score, kind="mergesort")[::-1]
+    score, y = score[order], y[order]
+    w = np.ones_like(score) if weight is None else weight[order]
+    distinct = np.flatnonzero(np.diff(score))
+    idx = np.r_[distinct, y.size - 1]
+    tps = np.cumsum(y * w)[idx]
+    fps = np.cumsum((1.0 - y) * w)[idx] if weight is not None else 1.0 + idx - tps
+    thr = score[idx]
+    if fps.size > 2:
+        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+        fps, tps, thr = fps[keep], tps[keep], thr[keep]
+    return np.r_[0.0, fps], np.r_[0.0, tps], np.r_[np.inf, thr]
+
+
+def _froc_curve(y, score, n_scans, n_lesions, weight=None):
+    if y.size == 0:
+        return np.zeros(1), np.zeros(1), np.array([np.inf])
+    fps, tps, thr = _roc_counts(y, score, weight)
+    return fps / n_scans, tps / n_lesions, thr
+
+
+# ----------------------------------------------------------------------------- main API
+def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.DataFrame | None = None,
+         seriesuids: Iterable[str] | None = None, max_marks_per_scan: int = 100,
+         fp_rates: Iterable[float] = FP_RATES, n_bootstrap: int = 1000, seed: int = 0) -> FrocResult:
+    """FROC analysis of CAD marks against LUNA16 annotations, as the official script.
+
+    Parameters
+    ----------
+    annotations : DataFrame
+        Nodules: ``seriesuid, coordX, coordY, coordZ, diameter_mm`` (world mm, LPS).
+    candidates : DataFrame
+        CAD marks: ``seriesuid, coordX, coordY, coordZ, probability`` (``score`` is
+        accepted when ``probability`` is absent).
+    excluded : DataFrame, optional
+        Findings whose marks are ignored (``annotations_excluded.csv``), same columns as
+        ``annotations``; a negative ``diameter_mm`` means 10 mm.
+    seriesuids : iterable of str, optional
+        Scans evaluated (LUNA16's ``seriesuids.csv``); scans without findings still add
+        false positives, marks on other scans are ignored.  Default: the scans of
+        ``annotations``.
+    max_marks_per_scan : int
+        Official cap on marks per scan (see the module notes); ``<= 0`` for none.
+    fp_rates : iterable of float
+        Operating points in false positives per scan; the CPM is the mean sensitivity.
+    n_bootstrap : int
+        Bootstrap samples (scans drawn with replacement); 0 skips the intervals.
+    seed : int
+        Seed of the bootstrap's random generator.
+
+    Returns
+    -------
+    FrocResult
+
+    Raises
+    ------
+    ValueError
+        Missing columns, non-numeric values, no nodule on the evaluated scans, or bad
+        settings.
+    TypeError
+        When a table is not a DataFrame.
+
+    Examples
+    --------
+    >>> ann = pd.DataFrame({"seriesuid": ["a"], "coordX": [0.0], "coordY": [0.0],
+    ...                     "coordZ": [0.0], "diameter_mm": [10.0]})
+    >>> cand = pd.DataFrame({"seriesuid": ["a", "a"], "coordX": [1.0, 50.0],
+    ...                      "coordY": [0.0, 0.0], "coordZ": [0.0, 0.0],
+    ...                      "probability": [0.9, 0.1]})
+    >>> res = froc(ann, cand, n_bootstrap=0)
+    >>> round(res.cpm, 3), res.n_false_positives
+    (1.0, 1)
+    """
+    annotations = _check_table(annotations, ANNOTATION_COLUMNS, "annotations")
+    candidates = _check_table(candidates, CANDIDATE_COLUMNS, "candidates",
+                              alias={"probability": "score"})
+    if excluded is not None:
+        excluded = _check_table(excluded, ANNOTATION_COLUMNS, "excluded")
+    fp_rates = tuple(float(r) for r in fp_rates)
+    if not fp_rates or min(fp_rates) <= 0:
+        raise ValueError(f"fp_rates must be positive FP/scan values, got {fp_rates}")
+    if int(n_bootstrap) < 0:
+        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    n_bootstrap = int(n_bootstrap)
+    if seriesuids is None:
+        seriesuids = list(dict.fromkeys(annotations["seriesuid"]))
+    elif isinstance(seriesuids, (str, bytes)):
+        raise TypeError("seriesuids must be a list of series UIDs, not one string; "
+                        "use read_seriesuids(path) for a seriesuids.csv")
+    else:
+        seriesuids = list(dict.fromkeys(str(s) for s in seriesuids))
+    if not seriesuids:
+        raise ValueError("no scans to evaluate: seriesuids is empty")
+
+    xyz = ["coordX", "coordY", "coordZ"]
+    ann_by = {k: g for k, g in annotations.groupby("seriesuid", sort=False)}
+    exc_by = {k: g for k, g in excluded.groupby("seriesuid", sort=False)} if excluded is not None else {}
+    cand_by = {k: g for k, g in candidates.groupby("seriesuid", sort=False)}
+
+    labels, scores, scan_of = [], [], []       # FROC entries (detected nodules and FPs)
+    lesions_per_scan = np.zeros(len(seriesuids))
+    n_cands = n_tp = n_fp = n_ignored = n_recalled = 0
+    for s, uid in enumerate(seriesuids):
+        cand = cand_by.get(uid)
+        c_xyz = cand[xyz].to_numpy() if cand is not None else np.zeros((0, 3))
+        c_p = cand["probability"].to_numpy() if cand is not None else np.zeros(0)
+        ann = ann_by.get(uid)
+        a_xyz = ann[xyz].to_numpy() if ann is not None else np.zeros((0, 3))
+        a_r2 = (ann["diameter_mm"].to_numpy() / 2.0) ** 2 if ann is not None else np.zeros(0)
+        lesions_per_scan[s] = len(a_xyz)
+        if len(a_xyz) and len(c_xyz):  # candidate recall: any mark, any score, before the cap
+            d2_all = ((a_xyz[:, None, :] - c_xyz[None, :, :]) ** 2).sum(-1)
+            n_recalled += int((d2_all < a_r2[:, None]).any(axis=1).sum())
+        keep = _cap_marks(c_p, int(max_marks_per_scan))
+        c_xyz, c_p = c_xyz[keep], c_p[keep]
+        n_cands += len(c_p)
+        is_fp = np.ones(len(c_p), dtype=bool)
+        if len(a_xyz):
+            d2 = ((a_xyz[:, None, :] - c_xyz[None, :, :]) ** 2).sum(-1)
+            hits = d2 < a_r2[:, None]
+            is_fp &= ~hits.any(axis=0)
+            found = hits.any(axis=1)
+            n_tp += int(found.sum())
+            best = np.where(hits, c_p[None, :], -np.inf).max(axis=1, initial=-np.inf)
+            labels += [1.0] * int(found.sum())
+            scores += best[found].tolist()
+            scan_of += [s] * int(found.sum())
+        exc = exc_by.get(uid)
+        if exc is not None and len(exc) and len(c_p):
+            e_d = exc["diameter_mm"].to_numpy()
+            e_r2 = (np.where(e_d < 0.0, UNKNOWN_DIAMETER_MM, e_d) / 2.0) ** 2
+            d2 = ((exc[xyz].to_numpy()[:, None, :] - c_xyz[None, :, :]) ** 2).sum(-1)
+            on_excluded = (d2 < e_r2[:, None]).any(axis=0) & is_fp
+            n_ignored += int(on_excluded.sum())
+            is_fp &= ~on_excluded
+        n_fp += int(is_fp.sum())
+        labels += [0.0] * int(is_fp.sum())
+        scores += c_p[is_fp].tolist()
+        scan_of += [s] * int(is_fp.sum())
+
+    n_nodules = int(lesions_per_scan.sum())
+    if n_nodules == 0:
+        raise ValueError(f"no nodule of annotations lies on the {len(seriesuids)} evaluated scan(s); "
+                         f"the FROC sensitivity is undefined. Check that the seriesuid values match")
+    n_scans = len(seriesuids)
+    y, p, scan_of = np.asarray(labels), np.asarray(scores, dtype=np.float64), np.asarray(scan_of, int)
+    fps, sens, thr = _froc_curve(y, p, n_scans, n_nodules)
+    sens_at = {r: float(v) for r, v in zip(fp_rates, np.interp(fp_rates, fps, sens))}
+    cpm = float(np.mean(list(sens_at.values())))
+
+    nan2 = (float("nan"), float("nan"))
+    cpm_ci, sens_ci = nan2, {r: nan2 for r in fp_rates}
+    band = [np.zeros(0)] * 4
+    if n_bootstrap:
+        rng = np.random.default_rng(seed)
+        grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, BAND_POINTS)
+        at = np.zeros((n_bootstrap, len(fp_rates)))
+        curves = np.zeros((n_bootstrap, BAND_POINTS), dtype=np.float32)
+        for b in range(n_bootstrap):
+            mult = np.bincount(rng.integers(0, n_scans, n_scans), minlength=n_scans).astype(float)
+            w = mult[scan_of]
+            sel = w > 0
+            n_les = float(mult @ lesions_per_scan)
+            if n_les == 0:  # a sample with no nodule: sensitivity 0 everywhere
+                continue
+            bf, bs, _ = _froc_curve(y[sel], p[sel], n_scans, n_les, w[sel])
+            at[b] = np.interp(fp_rates, bf, bs)
+            curves[b] = np.interp(grid, bf, bs)
+        lo_i = int(math.floor(0.025 * n_bootstrap))
+        hi_i = min(int(math.floor(0.975 * n_bootstrap)), n_bootstrap - 1)
+        cpms = np.sort(at.mean(axis=1))
+        cpm_ci = (float(cpms[lo_i]), float(cpms[hi_i]))
+        at_sorted = np.sort(at, axis=0)
+        sens_ci = {r: (float(at_sorted[lo_i, j]), float(at_sorted[hi_i, j])) for j, r in enumerate(fp_rates)}
+        curves.sort(axis=0)
+        band = [grid, curves.mean(axis=0), curves[lo_i], curves[hi_i]]
+
+    return FrocResult(
+        fps_per_scan=fps, sensitivity=sens, thresholds=thr, sensitivity_at=sens_at, cpm=cpm,
+        cpm_ci95=cpm_ci, sensitivity_at_ci95=sens_ci, n_nodules=n_nodules, n_scans=n_scans,
+        n_candidates=n_cands, candidate_recall=n_recalled / n_nodules, n_true_positives=n_tp,
+        n_false_positives=n_fp, n_ignored=n_ignored, n_bootstrap=n_bootstrap,
+        band_fps=band[0], band_mean=band[1], band_lo=band[2], band_hi=band[3])
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_froc(result: FrocResult, out_dir, *, name: str = "CAD") -> dict[str, Path]:
+    """Write ``froc.csv`` (curve points), ``froc.png`` (official-style plot), ``froc.json``.
+
+    Returns the three paths by key ``csv``, ``png``, ``json``.
+    """
+    from pipeline.io import atomic_path, write_csv, write_json
+
+    if not isinstance(result, FrocResult):
+        raise TypeError(f"result must be a FrocResult from froc(), got {type(result).__name__}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    curve = pd.DataFrame({"fps_per_scan": result.fps_per_scan, "sensitivity": result.sensitivity,
+                          "threshold": result.thresholds})
+    paths = {"csv": write_csv(curve, out / "froc.csv"), "json": write_json(result.summary(), out / "froc.json")}
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedFormatter, FixedLocator
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    try:
+        grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, BAND_POINTS + 1)
+        ax.plot(grid, np.interp(grid, result.fps_per_scan, result.sensitivity), color="b", lw=2,
+                label=f"{name} (CPM {result.cpm:.3f})")
+        if result.band_fps.size:
+            ax.plot(result.band_fps, result.band_mean, color="b", ls="--")
+            ax.plot(result.band_fps, result.band_lo, color="b", ls=":")
+            ax.plot(result.band_fps, result.band_hi, color="b", ls=":")
+            ax.fill_between(result.band_fps, result.band_lo, result.band_hi, facecolor="b", alpha=0.05)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(FROC_MIN_FPS, FROC_MAX_FPS)
+        ax.set_ylim(0, 1)
+        ticks = list(FP_RATES)
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
+        ax.xaxis.set_minor_locator(FixedLocator([]))
+        ax.set_yticks(np.arange(0, 1.1, 0.1))
+        ax.grid(True, which="both")
+        ax.set_xlabel("Average number of false positives per scan")
+        ax.set_ylabel("Sensitivity")
+        ax.set_title(f"FROC performance - {name}")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        with atomic_path(out / "froc.png") as tmp:
+            fig.savefig(tmp, dpi=150, format="png")
+    finally:
+        plt.close(fig)
+    paths["png"] = out / "froc.png"
+    return paths
+
+
+def format_result(result: FrocResult) -> str:
+    """Lines printed by the CLI: CPM with its interval and the sensitivities."""
+    lo, hi = result.cpm_ci95
+    lines = [f"CPM {result.cpm:.4f} (95% CI {lo:.4f}-{hi:.4f}, {result.n_bootstrap} bootstrap samples)",
+             f"{result.n_nodules} nodules on {result.n_scans} scans, {result.n_candidates} marks, "
+             f"candidate recall {result.candidate_recall:.4f}"]
+    for rate, sens in result.sensitivity_at.items():
+        lines.append(f"  sensitivity at {rate:g} FP/scan: {sens:.4f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``evaluate`` options to ``parser`` (for ``python -m pipeline evaluate``)."""
+    parser.add_argument("--annotations", required=True, help="annotations.csv (LUNA16 columns)")
+    parser.add_argument("--candidates", required=True,
+                        help="CAD marks: seriesuid,coordX,coordY,coordZ,probability (or score)")
+    parser.add_argument("--excluded", default=None, help="annotations_excluded.csv (optional)")
+    parser.add_argument("--seriesuids", default=None,
+                        help="seriesuids.csv listing the evaluated scans (default: scans in annotations)")
+    parser.add_argument("--out", default=None, help="folder for froc.csv, froc.png, froc.json")
+    parser.add_argument("--max-marks-per-scan", type=int, default=100, help="official cap; <=0 for none")
+    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap samples (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> FrocResult:
+    """Run the evaluation the parsed ``args`` describe, print it, write the files if ``--out``."""
+    ann = pd.read_csv(args.annotations, dtype={"seriesuid": str})
+    cand = pd.read_csv(args.candidates, dtype={"seriesuid": str})
+    exc = pd.read_csv(args.excluded, dtype={"seriesuid": str}) if args.excluded else None
+    uids = read_seriesuids(args.seriesuids) if args.seriesuids else None
+    result = froc(ann, cand, excluded=exc, seriesuids=uids, max_marks_per_scan=args.max_marks_per_scan,
+                  n_bootstrap=args.n_bootstrap, seed=args.seed)
+    print(format_result(result))
+    if args.out:
+        paths = write_froc(result, args.out, name=Path(args.candidates).stem)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return result
+
+
+def main(argv=None) -> int:
+    """``python -m pipeline.evaluate --annotations A --candidates C [...]``."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate", description="LUNA16 FROC / CPM of CAD marks"))
+    run_from_args(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,294 @@
+"""LUNA16 FROC: hand-computed answers and a literal re-implementation of the official loop."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.evaluate import FP_RATES, _froc_curve, _roc_counts, froc, main, read_seriesuids, write_froc
+
+
+def ann_df(rows):
+    return pd.DataFrame(rows, columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+
+
+def cand_df(rows):
+    return pd.DataFrame(rows, columns=["seriesuid", "coordX", "coordY", "coordZ", "probability"])
+
+
+ONE_NODULE = ann_df([("a", 0.0, 0.0, 0.0, 10.0)])
+
+
+# ----------------------------------------------------------------------------- hits
+@pytest.mark.parametrize("dist_mm, hit", [(4.99, True), (5.01, False), (5.0, False)])
+def test_hit_is_strictly_inside_the_radius(dist_mm, hit):
+    # official: dist**2 < (diameter/2)**2, so exactly on the radius is a miss
+    cand = cand_df([("a", 0.0, dist_mm, 0.0, 0.9)])
+    res = froc(ONE_NODULE, cand, n_bootstrap=0)
+    assert res.n_true_positives == int(hit)
+    assert res.n_false_positives == int(not hit)
+    assert res.cpm == pytest.approx(1.0 if hit else 0.0)
+
+
+def test_hit_distance_is_3d():
+    # 3-4-0 in x,y plus 2 in z: sqrt(29) = 5.385 > 5 -> miss; without z it would be 5.0 (miss too)
+    near = cand_df([("a", 2.0, 2.0, 2.0, 0.9)])   # sqrt(12) = 3.46 -> hit
+    far = cand_df([("a", 3.0, 3.0, 2.0, 0.9)])    # sqrt(22) = 4.69 -> hit
+    farther = cand_df([("a", 3.0, 3.0, 3.0, 0.9)])  # sqrt(27) = 5.196 -> miss
+    assert froc(ONE_NODULE, near, n_bootstrap=0).n_true_positives == 1
+    assert froc(ONE_NODULE, far, n_bootstrap=0).n_true_positives == 1
+    assert froc(ONE_NODULE, farther, n_bootstrap=0).n_true_positives == 0
+
+
+# ----------------------------------------------------------------------------- excluded findings
+def test_marks_on_excluded_findings_are_neither_tp_nor_fp():
+    excluded = ann_df([("a", 100.0, 0.0, 0.0, -1.0),     # -1: 10 mm diameter, radius 5
+                       ("a", 0.0, 100.0, 0.0, 2.0)])     # radius 1
+    cand = cand_df([("a", 0.0, 0.0, 0.0, 0.5),           # the nodule
+                    ("a", 104.0, 0.0, 0.0, 0.9),         # 4 mm from the -1 finding: ignored
+                    ("a", 0.0, 100.5, 0.0, 0.8),         # 0.5 mm from the 2 mm finding: ignored
+                    ("a", 0.0, 101.5, 0.0, 0.7),         # 1.5 mm from it: false positive
+                    ("a", 106.0, 0.0, 0.0, 0.6)])        # 6 mm from the -1 finding: false positive
+    res = froc(ONE_NODULE, cand, excluded=excluded, n_bootstrap=0)
+    assert (res.n_true_positives, res.n_false_positives, res.n_ignored) == (1, 2, 2)
+    # entries: FP .7, FP .6, TP .5 -> curve (0,0) (1,0) (2,0) (2,1): found only at 2 FP/scan
+    np.testing.assert_allclose(res.fps_per_scan, [0.0, 1.0, 2.0, 2.0])
+    np.testing.assert_allclose(res.sensitivity, [0.0, 0.0, 0.0, 1.0])
+    assert res.sensitivity_at[1.0] == 0.0 and res.sensitivity_at[2.0] == 1.0
+    assert res.cpm == pytest.approx(3 / 7)
+    without = froc(ONE_NODULE, cand, n_bootstrap=0)
+    assert without.n_false_positives == 4
+
+
+def test_mark_on_nodule_and_excluded_finding_counts_for_the_nodule():
+    excluded = ann_df([("a", 1.0, 0.0, 0.0, 4.0)])
+    cand = cand_df([("a", 0.5, 0.0, 0.0, 0.9)])
+    res = froc(ONE_NODULE, cand, excluded=excluded, n_bootstrap=0)
+    assert (res.n_true_positives, res.n_false_positives, res.n_ignored) == (1, 0, 0)
+
+
+# ----------------------------------------------------------------------------- double hits
+def test_several_hits_on_one_nodule_count_once_with_the_max_score():
+    cand = cand_df([("a", 1.0, 0.0, 0.0, 0.6), ("a", -1.0, 0.0, 0.0, 0.9),
+                    ("a", 50.0, 0.0, 0.0, 0.7)])
+    res = froc(ONE_NODULE, cand, n_bootstrap=0)
+    assert (res.n_true_positives, res.n_false_positives, res.n_candidates) == (1, 1, 3)
+    # the nodule's score is 0.9 (above the FP): sensitivity 1 at 0 FP; the 0.6 mark is no FP
+    np.testing.assert_allclose(res.fps_per_scan, [0.0, 0.0, 1.0])
+    np.testing.assert_allclose(res.sensitivity, [0.0, 1.0, 1.0])
+    assert res.cpm == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- cap
+def test_cap_keeps_the_100_top_scored_marks():
+    far = [("a", 50.0 + i, 0.0, 0.0, 0.01 * (i + 1)) for i in range(100)]  # 0.01 .. 1.00
+    cand = cand_df(far + [("a", 0.0, 0.0, 0.0, 0.001)])  # the only hit has the lowest score
+    capped = froc(ONE_NODULE, cand, n_bootstrap=0)
+    assert (capped.n_candidates, capped.n_true_positives, capped.n_false_positives) == (100, 0, 100)
+    assert capped.candidate_recall == 1.0  # recall ignores the cap and the score
+    uncapped = froc(ONE_NODULE, cand, n_bootstrap=0, max_marks_per_scan=0)
+    assert (uncapped.n_candidates, uncapped.n_true_positives) == (101, 1)
+    # the cap is per scan: the same marks split over two scans are all kept
+    two = cand.assign(seriesuid=["a"] * 50 + ["b"] * 51)
+    split = froc(ONE_NODULE, two, seriesuids=["a", "b"], n_bootstrap=0)
+    assert split.n_candidates == 101
+
+
+def test_cap_drops_marks_tied_at_the_cut_like_the_official_script():
+    cand = cand_df([("a", 50.0 + i, 0.0, 0.0, 0.5) for i in range(101)])
+    assert froc(ONE_NODULE, cand, n_bootstrap=0).n_candidates == 0
+
+
+# ----------------------------------------------------------------------------- curve
+def _two_nodules_four_scans():
+    ann = ann_df([("A", 0.0, 0.0, 0.0, 10.0), ("B", 0.0, 0.0, 0.0, 10.0)])
+    cand = cand_df([("A", 0.0, 0.0, 0.0, 0.9),    # hit A
+                    ("C", 0.0, 0.0, 0.0, 0.6),    # FP on a scan without findings
+                    ("B", 1.0, 0.0, 0.0, 0.6)])   # hit B, tied with the FP
+    return ann, cand
+
+
+def test_interpolation_between_operating_points():
+    ann, cand = _two_nodules_four_scans()
+    res = froc(ann, cand, seriesuids=["A", "B", "C", "D"], n_bootstrap=0)
+    # curve: (0, 0) -> (0, .5) at p=.9 -> (1 FP / 4 scans, 1.0) at p=.6
+    np.testing.assert_allclose(res.fps_per_scan, [0.0, 0.0, 0.25])
+    np.testing.assert_allclose(res.sensitivity, [0.0, 0.5, 1.0])
+    assert res.sensitivity_at[0.125] == pytest.approx(0.75)
+    assert all(res.sensitivity_at[r] == pytest.approx(1.0) for r in FP_RATES[1:])
+    assert res.cpm == pytest.approx((0.75 + 6.0) / 7.0)
+
+
+def test_scans_without_findings_add_false_positives_per_scan():
+    ann, cand = _two_nodules_four_scans()
+    six = froc(ann, cand, seriesuids=list("ABCDEF"), n_bootstrap=0)
+    # 1 FP over 6 scans: sensitivity .5 + .5 * (0.125 / (1/6)) at 1/8 FP/scan
+    assert six.sensitivity_at[0.125] == pytest.approx(0.875)
+    assert six.n_scans == 6
+    # default scan list = scans with annotations: the FP on scan C is not evaluated
+    default = froc(ann, cand, n_bootstrap=0)
+    assert default.n_scans == 2 and default.n_false_positives == 0
+    assert default.cpm == pytest.approx(1.0)
+
+
+def test_perfect_system_has_cpm_one(rng):
+    n = 12
+    ann = ann_df([(f"s{i}", *rng.normal(0, 50, 3), rng.uniform(4, 20)) for i in range(n)])
+    hits = [(r.seriesuid, r.coordX + 0.5, r.coordY, r.coordZ, 0.9 + 0.001 * i)
+            for i, r in enumerate(ann.itertuples())]
+    fps = [(f"s{i % n}", 500.0, 500.0, 500.0, 0.5 * rng.random()) for i in range(5 * n)]
+    res = froc(ann, cand_df(hits + fps), n_bootstrap=200, seed=1)
+    assert res.cpm == pytest.approx(1.0)
+    assert res.cpm_ci95 == pytest.approx((1.0, 1.0))
+    assert res.n_nodules == n and res.candidate_recall == 1.0
+
+
+def test_missed_nodules_lower_the_sensitivity():
+    ann = ann_df([("a", 0.0, 0.0, 0.0, 10.0), ("a", 100.0, 0.0, 0.0, 10.0)])
+    cand = cand_df([("a", 0.0, 0.0, 0.0, 0.9)])
+    res = froc(ann, cand, n_bootstrap=0)
+    assert res.cpm == pytest.approx(0.5)
+    assert res.candidate_recall == 0.5
+
+
+# ----------------------------------------------------------------------------- ROC = sklearn
+@pytest.mark.parametrize("n", [3, 40, 500])
+def test_roc_points_match_scikit_learn(n, rng):
+    metrics = pytest.importorskip("sklearn.metrics")
+    y = (rng.random(n) < 0.3).astype(float)
+    y[0], y[1] = 1.0, 0.0
+    score = np.round(rng.random(n), 2)  # ties included
+    fps, tps, thr = _roc_counts(y, score)
+    fpr, tpr, thr_ref = metrics.roc_curve(y, score)
+    np.testing.assert_allclose(fps / fps[-1], fpr)
+    np.testing.assert_allclose(tps / tps[-1], tpr)
+    np.testing.assert_allclose(thr[1:], thr_ref[1:])
+
+
+def test_weighted_curve_equals_repeated_entries(rng):
+    # the bootstrap weights entries by how often their scan was drawn
+    y = (rng.random(60) < 0.4).astype(float)
+    score = np.round(rng.random(60), 1)
+    w = rng.integers(1, 4, 60).astype(float)
+    fw, sw, _ = _froc_curve(y, score, 7, 11.0, w)
+    fr, sr, _ = _froc_curve(np.repeat(y, w.astype(int)), np.repeat(score, w.astype(int)), 7, 11.0)
+    grid = np.linspace(0.01, 10, 300)
+    np.testing.assert_allclose(np.interp(grid, fw, sw), np.interp(grid, fr, sr))
+
+
+# ----------------------------------------------------------------------------- official loop
+def official_cpm(ann, exc, cand, uids, cap=100):
+    """Straight re-implementation of noduleCADEvaluationLUNA16.evaluateCAD's loops."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    gt, prob, excl = [], [], []
+    for uid in uids:
+        c = cand[cand.seriesuid == uid]
+        marks = list(zip(c.coordX, c.coordY, c.coordZ, c.probability))
+        if cap > 0 and len(marks) > cap:
+            thr = sorted((m[3] for m in marks), reverse=True)[cap]
+            marks = [m for m in marks if m[3] > thr][:cap]
+        remaining = set(range(len(marks)))
+        findings = [(r, "in") for r in ann[ann.seriesuid == uid].itertuples()]
+        findings += [(r, "ex") for r in exc[exc.seriesuid == uid].itertuples()]
+        for r, state in findings:
+            d = r.diameter_mm if r.diameter_mm >= 0 else 10.0
+            matches = [k for k, m in enumerate(marks)
+                       if (r.coordX - m[0]) ** 2 + (r.coordY - m[1]) ** 2 + (r.coordZ - m[2]) ** 2 < (d / 2) ** 2]
+            remaining -= set(matches)
+            if state == "in":
+                gt.append(1.0)
+                excl.append(not matches)
+                prob.append(max(marks[k][3] for k in matches) if matches else -1e9)
+        for k in sorted(remaining):
+            gt.append(0.0), prob.append(marks[k][3]), excl.append(False)
+    gt, prob, excl = map(np.asarray, (gt, prob, excl))
+    fpr, tpr, _ = metrics.roc_curve(gt[~excl], prob[~excl])
+    fps = fpr * (np.sum(~excl) - gt[~excl].sum()) / len(uids)
+    sens = tpr * gt[~excl].sum() / gt.sum()
+    return float(np.mean(np.interp(FP_RATES, fps, sens)))
+
+
+def test_matches_a_literal_port_of_the_official_loop(rng):
+    uids = [f"scan{i}" for i in range(15)]
+    ann_rows, exc_rows, cand_rows = [], [], []
+    for uid in uids[:12]:
+        for _ in range(rng.integers(1, 4)):
+            c, d = rng.uniform(-100, 100, 3), rng.uniform(3, 25)
+            ann_rows.append((uid, *c, d))
+            for _ in range(rng.integers(0, 3)):  # near-misses and double hits
+                cand_rows.append((uid, *(c + rng.normal(0, d / 3, 3)), rng.random()))
+        exc = rng.uniform(-100, 100, 3)
+        exc_rows.append((uid, *exc, -1.0 if rng.random() < 0.5 else rng.uniform(1, 3)))
+        cand_rows.append((uid, *(exc + rng.normal(0, 1, 3)), rng.random()))
+    for _ in range(400):
+        cand_rows.append((uids[rng.integers(len(uids))], *rng.uniform(-120, 120, 3),
+                          round(rng.random(), 2)))
+    ann, exc, cand = ann_df(ann_rows), ann_df(exc_rows), cand_df(cand_rows)
+    for cap in (100, 20):
+        ours = froc(ann, cand, excluded=exc, seriesuids=uids, max_marks_per_scan=cap, n_bootstrap=0)
+        assert ours.cpm == pytest.approx(official_cpm(ann, exc, cand, uids, cap), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def test_bootstrap_is_seeded_and_brackets_the_cpm(rng):
+    uids = [f"s{i}" for i in range(30)]
+    ann = ann_df([(u, 0.0, 0.0, 0.0, 10.0) for u in uids])
+    cand = cand_df([(u, 0.0, 0.0, 0.0, rng.random()) for u in uids[:24]]
+                   + [(uids[rng.integers(30)], 90.0, 0.0, 0.0, rng.random()) for _ in range(60)])
+    a = froc(ann, cand, n_bootstrap=300, seed=3)
+    b = froc(ann, cand, n_bootstrap=300, seed=3)
+    c = froc(ann, cand, n_bootstrap=300, seed=4)
+    assert a.cpm_ci95 == b.cpm_ci95
+    assert a.cpm_ci95 != c.cpm_ci95
+    lo, hi = a.cpm_ci95
+    assert lo < a.cpm < hi and hi - lo < 0.5
+    assert all(a.sensitivity_at_ci95[r][0] <= a.sensitivity_at_ci95[r][1] for r in FP_RATES)
+    assert a.band_fps.shape == a.band_lo.shape == (10000,)
+    assert np.all(a.band_lo <= a.band_hi)
+    assert math.isnan(froc(ann, cand, n_bootstrap=0).cpm_ci95[0])
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_columns_are_named():
+    with pytest.raises(ValueError, match=r"annotations is missing column\(s\) \['diameter_mm'\]"):
+        froc(ONE_NODULE.drop(columns="diameter_mm"), cand_df([]), n_bootstrap=0)
+    with pytest.raises(ValueError, match="probability.*or 'score'"):
+        froc(ONE_NODULE, cand_df([]).drop(columns="probability"), n_bootstrap=0)
+    with pytest.raises(ValueError, match="excluded is missing"):
+        froc(ONE_NODULE, cand_df([]), excluded=ONE_NODULE[["seriesuid"]], n_bootstrap=0)
+    with pytest.raises(TypeError, match="DataFrame"):
+        froc(ONE_NODULE.to_dict(), cand_df([]))
+
+
+def test_score_column_is_accepted_and_bad_values_rejected():
+    cand = cand_df([("a", 0.0, 0.0, 0.0, 0.9)]).rename(columns={"probability": "score"})
+    assert froc(ONE_NODULE, cand, n_bootstrap=0).cpm == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="coordX.*non-numeric"):
+        froc(ONE_NODULE, cand.assign(coordX=["oops"]), n_bootstrap=0)
+    with pytest.raises(ValueError, match="no nodule"):
+        froc(ONE_NODULE, cand, seriesuids=["other"], n_bootstrap=0)
+
+
+# ----------------------------------------------------------------------------- outputs and CLI
+def test_write_froc_and_cli(tmp_path, capsys):
+    ann, cand = _two_nodules_four_scans()
+    ann.to_csv(tmp_path / "annotations.csv", index=False)
+    cand.to_csv(tmp_path / "cands.csv", index=False)
+    ann.iloc[:0].to_csv(tmp_path / "excluded.csv", index=False)
+    (tmp_path / "seriesuids.csv").write_text("A\nB\nC\nD\n")  # LUNA16's file has no header
+    assert read_seriesuids(tmp_path / "seriesuids.csv") == ["A", "B", "C", "D"]
+    out = tmp_path / "out"
+    assert main(["--annotations", str(tmp_path / "annotations.csv"), "--candidates", str(tmp_path / "cands.csv"),
+                 "--excluded", str(tmp_path / "excluded.csv"), "--seriesuids", str(tmp_path / "seriesuids.csv"),
+                 "--out", str(out), "--n-bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert f"CPM {(0.75 + 6) / 7:.4f}" in printed
+    assert "sensitivity at 0.125 FP/scan: 0.7500" in printed and printed.count("sensitivity at") == 7
+    summary = json.loads((out / "froc.json").read_text())
+    assert summary["cpm"] == pytest.approx((0.75 + 6) / 7) and summary["n_scans"] == 4
+    curve = pd.read_csv(out / "froc.csv")
+    np.testing.assert_allclose(curve["sensitivity"], [0.0, 0.5, 1.0])
+    assert (out / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(TypeError, match="FrocResult"):
+        write_froc({"cpm": 1}, out)
