@@ -517,6 +517,9 @@ def _read_dicom(path: Path, files: list[Path], series_uid: str | None, max_voxel
         except _Skip as why:
             skip(sl.path, str(why), fatal=True)
             continue
+        except ValueError as exc:  # header and pixels disagree (Bits Stored, frame count...)
+            skip(sl.path, f"unusable pixel data ({_first_line(exc)})", fatal=True)
+            continue
         good.append(sl)
     if not good:
         raise ScanError(path, f"no readable slice in series {uid} ({skipped[-1] if skipped else ''})")
