@@ -4,7 +4,7 @@
 ``python -m pipeline.bench_ingest [--out bench] [--repeats 1] [--slices 300]`` writes
 ``bench/ingest.json``.  Two series are written to a temporary folder: lung1 (512x512x48,
 shuffled file names) and a synthetic 512x512x300 chest CT (``pipeline.phantom``).  Each
-measurement runs in its own subprocess, so the peak resident memory (``ru_maxrss``) is that
+measurement runs in its own subprocess, so the peak resident memory (``VmHWM``) is that
 measurement's alone (``import_rss_mb`` is the part taken by the imports: torch for us,
 SimpleITK for them); the time excludes interpreter start-up and imports.
 """
@@ -57,22 +57,40 @@ def _measure_simpleitk(folder: str, device: str | None) -> dict:
             "shape_out": out.GetSize()[::-1]}
 
 
-def _child(method: str, folder: str, device: str | None) -> None:
-    """Run one measurement and print its JSON (called in a fresh interpreter)."""
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory, MB.
+
+    ``/proc/self/status`` ``VmHWM`` starts afresh at ``exec``; ``ru_maxrss`` does not (a child
+    started from a big parent inherits its peak), so it is only the fallback off Linux.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _child(method: str, folder: str, device: str | None) -> None:
+    """Run one measurement and print its JSON (called in a fresh interpreter)."""
     # each method imports only what it needs; imports are not part of the timing
     if method == "lungscreen":
         import stages.ingest  # noqa: F401
         import stages.resample  # noqa: F401
-        import torch  # noqa: F401
+        import torch
+
+        if device != "cpu" and torch.cuda.is_available():
+            torch.zeros(1, device="cuda")  # CUDA context start-up is paid once per process, not per scan
     else:
         import SimpleITK  # noqa: F401
-    import_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    import_rss_mb = _peak_rss_mb()
     result = {"lungscreen": _measure_lungscreen, "simpleitk": _measure_simpleitk}[method](folder, device)
     result["import_rss_mb"] = import_rss_mb
     result["seconds"] = result["read_s"] + result["resample_s"]
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    result["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(result))
 
 
