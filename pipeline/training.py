@@ -1,0 +1,468 @@
+"""``make train``: train the 3D CNN false-positive classifier on a LUNA16-like tree.
+
+``python -m pipeline.training --data DIR [--out models/] [--epochs N] [--device auto|cpu|cuda]``
+
+The tree (LUNA16 as distributed, or :mod:`pipeline.benchmark_data`'s benchmark)::
+
+    DIR/subset0..subset9/<seriesuid>.mhd   or   DIR/train|val|test/<seriesuid>.mhd
+    DIR/annotations.csv                    seriesuid,coordX,coordY,coordZ,diameter_mm
+    DIR/candidates_V2.csv  (optional)      seriesuid,coordX,coordY,coordZ,class
+
+Steps: find scans and split them (``train``/``val`` folders; else the last ``subset*`` is
+validation; else a fixed 80/20 split of the uids); take the candidates (``candidates_V2.csv``,
+else :func:`stages.candidates.find_candidates` labelled by distance to the annotations, else
+the annotations plus random points away from them); keep every positive and at most
+``max_neg_per_scan`` negatives per scan; cut ``size_mm`` cubes at 1 mm around each
+(trilinear, air outside the scan) and cache them in HDF5 so later runs and epochs never
+re-read scans; train :class:`nets.cnn3d.NoduleNet3D` with :class:`nets.train.Learner`
+(one-cycle, a fixed fraction of positives per batch, flips/rotations/zoom, checkpoint every
+epoch, CSV log); write the weights, a model card and the log to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+__all__ = ["train_classifier", "find_scans", "split_scans", "label_candidates", "cut_cube",
+           "build_cube_cache", "main", "WEIGHTS_NAME"]
+
+WEIGHTS_NAME = "nodule_cnn3d.pt"
+#: HU given to cube voxels outside the scan.
+AIR_HU = -1000.0
+#: Fraction of the uids held out for validation when the tree has no split folders.
+VAL_FRACTION = 0.2
+#: Random negatives keep at least this far (mm) beyond an annotation's radius (fallback only).
+NEG_MARGIN_MM = 10.0
+
+
+# ---------------------------------------------------------------------- scans and candidates
+def find_scans(root) -> pd.DataFrame:
+    """``seriesuid, path, subset`` of every ``subset*/*.mhd`` or ``<split>/*.mhd`` under ``root``."""
+    from pipeline.luna16 import find_luna_scans
+
+    root = Path(root)
+    scans = find_luna_scans(root)
+    if scans.empty:
+        rows = [(p.stem, str(p), p.parent.name) for p in sorted(root.glob("*/*.mhd"))]
+        scans = pd.DataFrame(rows, columns=["seriesuid", "path", "subset"])
+    if scans.empty:
+        raise FileNotFoundError(f"no .mhd scans under {root}/subset*/ or {root}/<split>/; "
+                                "pass the LUNA16 root (or the benchmark folder) as --data")
+    return scans
+
+
+def split_scans(scans: pd.DataFrame, *, val_fraction: float = VAL_FRACTION) -> pd.Series:
+    """``"train"`` or ``"val"`` for each scan (index aligned with ``scans``).
+
+    ``train``/``val`` folders are used as they are (``test`` is never used); with several
+    ``subset*`` folders the last is validation; otherwise a fixed hash of the uid decides.
+    """
+    subsets = sorted(set(scans["subset"]))
+    if "train" in subsets:
+        split = scans["subset"].map({"train": "train", "val": "val"})
+        if "val" not in subsets:
+            split = _hash_split(scans["seriesuid"], val_fraction).where(split == "train")
+        return split
+    if len(subsets) > 1:
+        return scans["subset"].map(lambda s: "val" if s == subsets[-1] else "train")
+    return _hash_split(scans["seriesuid"], val_fraction)
+
+
+def _hash_split(uids: pd.Series, val_fraction: float) -> pd.Series:
+    h = uids.map(lambda u: int(hashlib.sha1(u.encode()).hexdigest()[:8], 16) / 16**8)
+    split = pd.Series(np.where(h < val_fraction, "val", "train"), index=uids.index)
+    if (split == "val").sum() == 0 and len(split) > 1:  # tiny trees: hold out the lowest hash
+        split[h.idxmin()] = "val"
+    return split
+
+
+def label_candidates(cands: pd.DataFrame, annotations: pd.DataFrame) -> np.ndarray:
+    """1 where a candidate lies within an annotation's radius (``diameter_mm / 2``) of its scan."""
+    labels = np.zeros(len(cands), dtype=np.int64)
+    for uid, ann in annotations.groupby("seriesuid"):
+        idx = np.flatnonzero(cands["seriesuid"].to_numpy() == uid)
+        if not len(idx):
+            continue
+        pts = cands.iloc[idx][["coordX", "coordY", "coordZ"]].to_numpy(float)
+        centres = ann[["coordX", "coordY", "coordZ"]].to_numpy(float)
+        dist = np.linalg.norm(pts[:, None, :] - centres[None], axis=2)
+        labels[idx] = (dist <= ann["diameter_mm"].to_numpy(float)[None] / 2).any(axis=1)
+    return labels
+
+
+def _read_scan(path):
+    from stages.ingest import read_scan
+
+    return read_scan(path)
+
+
+def _detected_candidates(scans, annotations, rng, n_random: int) -> pd.DataFrame:
+    """Candidates when the tree has no candidate list: the detector's, else random points."""
+    try:
+        from stages.candidates import find_candidates
+    except ImportError:
+        find_candidates = None
+        log.warning("no candidates_V2.csv and no stages.candidates: using the annotations as "
+                    "positives and random points inside each scan as negatives")
+    frames = []
+    for row in scans.itertuples():
+        vol = _read_scan(row.path)
+        ann = annotations[annotations["seriesuid"] == row.seriesuid]
+        if find_candidates is not None:
+            found = find_candidates(vol)
+            c = found[["coordX", "coordY", "coordZ"]].copy()
+        else:
+            c = _random_points(vol, ann, rng, n_random)
+        c.insert(0, "seriesuid", row.seriesuid)
+        frames.append(c)
+        pos = ann[["seriesuid", "coordX", "coordY", "coordZ"]]
+        frames.append(pos)  # every annotated nodule is a positive example
+    cands = pd.concat(frames, ignore_index=True)
+    cands["class"] = label_candidates(cands, annotations)
+    return cands
+
+
+def _random_points(vol, ann, rng, n: int) -> pd.DataFrame:
+    lo, hi = vol.bounds_mm()
+    pts = rng.uniform(lo, hi, size=(4 * n, 3))[:, ::-1]  # (z, y, x) -> (x, y, z)
+    if len(ann):
+        centres = ann[["coordX", "coordY", "coordZ"]].to_numpy(float)
+        dist = np.linalg.norm(pts[:, None] - centres[None], axis=2)
+        far = (dist > ann["diameter_mm"].to_numpy(float)[None] / 2 + NEG_MARGIN_MM).all(axis=1)
+        pts = pts[far]
+    pts = pts[:n]
+    return pd.DataFrame(pts, columns=["coordX", "coordY", "coordZ"])
+
+
+def cut_cube(vol, centre_zyx_mm, *, size_mm: float = 32.0, spacing_mm: float = 1.0,
+             fill_hu: float = AIR_HU) -> np.ndarray:
+    """A cube of ``size_mm`` sampled every ``spacing_mm`` around a world point (trilinear).
+
+    The cube's axes follow the volume's array axes (z, y, x); voxels outside the scan get
+    ``fill_hu``.  Returns ``(n, n, n)`` int16 HU with ``n = round(size_mm / spacing_mm)``.
+
+    Examples
+    --------
+    >>> from stages.volume import Volume
+    >>> vol = Volume(np.zeros((4, 4, 4), np.int16), spacing_mm=(2.0, 1.0, 1.0))
+    >>> cut_cube(vol, (3.0, 1.5, 1.5), size_mm=4).shape
+    (4, 4, 4)
+    """
+    from scipy.ndimage import map_coordinates
+
+    n = int(round(size_mm / spacing_mm))
+    if n < 1:
+        raise ValueError(f"size_mm / spacing_mm must give at least one voxel, got {size_mm}/{spacing_mm}")
+    centre_idx = vol.world_to_index(np.asarray(centre_zyx_mm, float))
+    offs_mm = (np.arange(n) - (n - 1) / 2) * spacing_mm
+    axes = [centre_idx[a] + offs_mm / vol.spacing_mm[a] for a in range(3)]
+    # read only the block of the scan the cube touches (plus the interpolation neighbours)
+    lo = [int(np.clip(np.floor(ax.min()), 0, s - 1)) for ax, s in zip(axes, vol.shape)]
+    hi = [int(np.clip(np.ceil(ax.max()) + 1, 1, s)) for ax, s in zip(axes, vol.shape)]
+    block = np.asarray(vol.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
+    grid = np.stack(np.meshgrid(*[ax - l for ax, l in zip(axes, lo)], indexing="ij"))
+    if block.size == 0:
+        return np.full((n, n, n), fill_hu, dtype=np.int16)
+    out = map_coordinates(block, grid, order=1, mode="constant", cval=fill_hu)
+    # points outside the scan proper (not just outside the block) take fill_hu
+    outside = np.zeros((n, n, n), bool)
+    for a, (ax, s) in enumerate(zip(axes, vol.shape)):
+        bad = (ax < 0) | (ax > s - 1)
+        outside |= bad.reshape([-1 if i == a else 1 for i in range(3)])
+    out[outside] = fill_hu
+    return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
+
+
+# ---------------------------------------------------------------------- cube cache
+def _cache_key(scans, cands, size_mm, spacing_mm) -> str:
+    h = hashlib.sha1()
+    for row in scans.itertuples():
+        st = os.stat(row.path)
+        h.update(f"{row.seriesuid}|{row.path}|{st.st_size}|{st.st_mtime_ns}|{row.split}\n".encode())
+    h.update(pd.util.hash_pandas_object(cands, index=False).to_numpy().tobytes())
+    h.update(f"{size_mm}|{spacing_mm}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_cube_cache(path, scans: pd.DataFrame, cands: pd.DataFrame, *, size_mm: float = 32.0,
+                     spacing_mm: float = 1.0, progress: bool | None = None) -> Path:
+    """Cut every candidate's cube once and store it in HDF5 (``<split>/cubes``, ``labels`` ...).
+
+    ``scans`` needs ``seriesuid, path, split``; ``cands`` needs ``seriesuid, coordX/Y/Z, class``.
+    Each scan is read once.  The file is written under a temporary name and renamed.
+    """
+    import h5py
+    from tqdm.auto import tqdm
+
+    from stages.volume import xyz_to_zyx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    n = int(round(size_mm / spacing_mm))
+    split_of = dict(zip(scans["seriesuid"], scans["split"]))
+    cands = cands[cands["seriesuid"].map(split_of).isin(["train", "val"])].reset_index(drop=True)
+    cands["split"] = cands["seriesuid"].map(split_of)
+    try:
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs.update({"size_mm": size_mm, "spacing_mm": spacing_mm})
+            dsets = {}
+            for split in ("train", "val"):
+                m = int((cands["split"] == split).sum())
+                g = h5.create_group(split)
+                dsets[split] = g.create_dataset("cubes", (m, n, n, n), dtype="int16",
+                                                chunks=(1, n, n, n) if m else None)
+                part = cands[cands["split"] == split]
+                g.create_dataset("labels", data=part["class"].to_numpy(np.uint8))
+                g.create_dataset("seriesuid", data=part["seriesuid"].to_numpy().astype("S"))
+                g.create_dataset("centre_xyz_mm", data=part[["coordX", "coordY", "coordZ"]].to_numpy(float))
+            pos_in_split = cands.groupby("split").cumcount().to_numpy()
+            todo = scans[scans["seriesuid"].isin(cands["seriesuid"])]
+            for row in tqdm(list(todo.itertuples()), desc="cutting cubes", disable=not progress if
+                            progress is not None else None):
+                vol = _read_scan(row.path)
+                rows = np.flatnonzero(cands["seriesuid"].to_numpy() == row.seriesuid)
+                for r in rows:
+                    centre = xyz_to_zyx(cands.loc[r, ["coordX", "coordY", "coordZ"]].to_numpy(float))
+                    dsets[row.split][pos_in_split[r]] = cut_cube(vol, centre, size_mm=size_mm,
+                                                                 spacing_mm=spacing_mm)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+class H5Cubes:
+    """Array-like view of ``<split>/cubes`` that opens the file lazily in each process."""
+
+    def __init__(self, path, split: str):
+        self.path, self.split, self._h5, self._pid = str(path), split, None, None
+        import h5py
+
+        with h5py.File(self.path, "r") as h5:
+            self.shape = h5[split]["cubes"].shape
+
+    def _dset(self):
+        import h5py
+
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return self._h5[self.split]["cubes"]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        return self._dset()[i]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_h5": None, "_pid": None}
+
+
+# ---------------------------------------------------------------------- training
+def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 32,
+                     lr: float = 3e-3, weight_decay: float = 1e-4, pos_fraction: float = 0.25,
+                     max_neg_per_scan: int = 200, size_mm: float = 32.0, spacing_mm: float = 1.0,
+                     widths=(16, 32, 64, 128), dropout: float = 0.2, patience: int = 0,
+                     seed: int = 0, device=None, workers: int = 0, resume: bool = False,
+                     cache_dir=None, progress: bool | None = None, command: str = "") -> dict:
+    """Train the false-positive classifier; write weights, model card, log and checkpoint.
+
+    Returns a dict with the written paths, the data counts and the last epoch's metrics.
+    Parameters mirror the CLI flags (see ``python -m pipeline.training --help``); units are
+    in the names.  ``patience=0`` turns early stopping off.
+    """
+    import torch
+
+    from nets.callbacks import (Checkpoint, EarlyStopping, MetricsLogger, MixedPrecision,
+                                accuracy, roc_auc)
+    from nets.cnn3d import NoduleNet3D, save_classifier
+    from nets.data import CubeDataset, PositiveFractionSampler, augment_cube
+    from nets.train import DataLoaders, Learner, pick_device, set_seed
+    from pipeline.luna16 import read_annotations, read_candidates
+
+    if epochs < 1 or batch_size < 2 or max_neg_per_scan < 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 2, max_neg_per_scan >= 0; got "
+                         f"{epochs}, {batch_size}, {max_neg_per_scan}")
+    data, out = Path(data), Path(out)
+    dev = pick_device(device)
+    rng = np.random.default_rng(seed)
+    scans = find_scans(data)
+    scans["split"] = split_scans(scans)
+    scans = scans[scans["split"].isin(["train", "val"])].reset_index(drop=True)
+    annotations = read_annotations(data)
+    try:
+        cands, cand_source = read_candidates(data), "candidates_V2.csv"
+    except FileNotFoundError:
+        cands = _detected_candidates(scans, annotations, rng, max_neg_per_scan)
+        cand_source = "detected (no candidates_V2.csv)"
+    cands = cands[cands["seriesuid"].isin(scans["seriesuid"])]
+    neg = cands[cands["class"] == 0].sample(frac=1.0, random_state=seed)
+    neg = neg[neg.groupby("seriesuid").cumcount().to_numpy() < max_neg_per_scan]
+    cands = pd.concat([cands[cands["class"] == 1], neg]).sort_index().reset_index(drop=True)
+    cands = cands[["seriesuid", "coordX", "coordY", "coordZ", "class"]]
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
+    cache = cache_dir / f"cubes-{_cache_key(scans, cands, size_mm, spacing_mm)}.h5"
+    if not cache.exists():
+        build_cube_cache(cache, scans, cands, size_mm=size_mm, spacing_mm=spacing_mm,
+                         progress=progress)
+    import h5py
+
+    with h5py.File(cache, "r") as h5:
+        labels = {s: h5[s]["labels"][:].astype(np.float32) for s in ("train", "val")}
+    counts = {s: {"cubes": int(len(labels[s])), "positives": int(labels[s].sum()),
+                  "scans": int((scans["split"] == s).sum())} for s in ("train", "val")}
+    if counts["train"]["positives"] == 0 or counts["train"]["positives"] == counts["train"]["cubes"]:
+        raise ValueError(f"the training split needs nodules and non-nodules, got {counts['train']}; "
+                         f"check annotations.csv and the candidates in {data}")
+
+    set_seed(seed)
+    aug = partial(augment_cube, scale_range=(0.9, 1.1))
+    train_ds = CubeDataset(H5Cubes(cache, "train"), labels["train"], augment=aug)
+    sampler = PositiveFractionSampler(labels["train"], batch_size, pos_fraction)
+    loader = partial(torch.utils.data.DataLoader, num_workers=workers,
+                     pin_memory=dev.type == "cuda", persistent_workers=workers > 0)
+    train_dl = loader(train_ds, batch_sampler=sampler)
+    valid_dl = (loader(CubeDataset(H5Cubes(cache, "val"), labels["val"]), batch_size=2 * batch_size)
+                if counts["val"]["cubes"] else None)
+    model = NoduleNet3D(widths, dropout=dropout)
+    out.mkdir(parents=True, exist_ok=True)
+    cbs = [Checkpoint(out / "checkpoint.pt", resume=resume), MetricsLogger(out / "train_log.csv"),
+           MixedPrecision()]
+    if patience and valid_dl is not None:
+        cbs.append(EarlyStopping("valid_loss", patience=patience))
+    learn = Learner(model, DataLoaders(train_dl, valid_dl),
+                    lambda p, y: torch.nn.functional.binary_cross_entropy_with_logits(p.float(), y),
+                    lr=lr, wd=weight_decay, cbs=cbs, metrics=[roc_auc, accuracy], device=dev,
+                    progress=progress)
+    t0 = time.perf_counter()
+    learn.fit_one_cycle(epochs, lr)
+    train_s = time.perf_counter() - t0
+    history = learn.recorder.values
+    final = history[-1] if history else {}
+    info = {"data": str(data), "seed": int(seed), "epochs_run": len(history),
+            "trained_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **{k: float(v) for k, v in final.items() if k != "epoch"}}
+    weights = save_classifier(learn.model, out / WEIGHTS_NAME, size_mm=size_mm,
+                              spacing_mm=spacing_mm, info=info)
+    result = {"weights": weights, "log": out / "train_log.csv", "card": out / "nodule_cnn3d.md",
+              "checkpoint": out / "checkpoint.pt", "cache": cache, "counts": counts,
+              "final": final, "history": history, "device": str(dev), "train_s": train_s,
+              "candidates": cand_source}
+    _write_card(result, model=learn.model, data=data, command=command, seed=seed, epochs=epochs,
+                lr=lr, batch_size=batch_size, pos_fraction=pos_fraction, size_mm=size_mm,
+                max_neg_per_scan=max_neg_per_scan, weight_decay=weight_decay)
+    return result
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _write_card(res: dict, *, model, data, command, **settings) -> None:
+    from pipeline.io import write_text
+
+    hist = res["history"]
+    keys = list(dict.fromkeys(k for row in hist for k in row))
+    table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    table += ["| " + " | ".join(_fmt(row.get(k, "")) for k in keys) + " |" for row in hist]
+    c = res["counts"]
+    text = f"""# Model card: lungscreen 3D CNN false-positive classifier
+
+- File: `{res['weights'].name}` (load with `nets.cnn3d.load_classifier(path)`;
+  `torch.load(path, weights_only=True)` reads it)
+- Architecture: `NoduleNet3D{tuple(model.arch['widths'])}`, {sum(p.numel() for p in model.parameters())} parameters,
+  input {settings['size_mm']:g} mm cube at 1 mm, HU clipped to -1000..400 and scaled to 0..1
+- Trained: {datetime.now(timezone.utc).isoformat(timespec='seconds')} on `{res['device']}` in {res['train_s']:.1f} s
+- Command: `{command or '(API call)'}`
+- Seed: {settings['seed']}
+
+## Data
+- Source: `{data}`; candidates: {res['candidates']}
+- Train: {c['train']['scans']} scans, {c['train']['cubes']} cubes, {c['train']['positives']} nodules
+- Validation: {c['val']['scans']} scans, {c['val']['cubes']} cubes, {c['val']['positives']} nodules
+- At most {settings['max_neg_per_scan']} non-nodule candidates per scan; every nodule kept
+
+## Training
+- `Learner.fit_one_cycle({settings['epochs']}, lr_max={settings['lr']:g})`, AdamW, weight decay {settings['weight_decay']:g}
+- Batches of {settings['batch_size']} with a fraction {settings['pos_fraction']:g} of nodules; random flips,
+  axial 90-degree rotations and 0.9-1.1 zoom
+
+## Metrics per epoch (validation: loss, ROC AUC, accuracy at 0.5)
+{chr(10).join(table)}
+
+## Limits
+- Validation metrics are per candidate cube, not FROC; run `pipeline.evaluate` for LUNA16 FROC.
+- Not a medical device.
+"""
+    write_text(text, res["card"])
+
+
+# ---------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.training", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="LUNA16-like root (subset*/ or train/val/ with .mhd)")
+    p.add_argument("--out", default="models", help="output folder (default: models/)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--pos-fraction", type=float, default=0.25, help="fraction of nodules per batch")
+    p.add_argument("--max-neg-per-scan", type=int, default=200)
+    p.add_argument("--size-mm", type=float, default=32.0, help="cube edge, mm")
+    p.add_argument("--widths", default="16,32,64,128", help="channels per CNN stage")
+    p.add_argument("--patience", type=int, default=0, help="early stopping patience (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--cache", default=None, help="cube cache folder (default: OUT/cache)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    """Command line entry; returns the exit status (0 ok, 2 bad input)."""
+    from stages.errors import ScanError
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = "python -m pipeline.training " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        widths = tuple(int(w) for w in args.widths.split(","))
+        res = train_classifier(args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                               lr=args.lr, weight_decay=args.weight_decay,
+                               pos_fraction=args.pos_fraction, max_neg_per_scan=args.max_neg_per_scan,
+                               size_mm=args.size_mm, widths=widths, patience=args.patience,
+                               seed=args.seed, device=args.device, workers=args.workers,
+                               resume=args.resume, cache_dir=args.cache,
+                               progress=False if args.no_progress else None, command=command)
+    except (FileNotFoundError, ValueError, ScanError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"weights": str(res["weights"]), "card": str(res["card"]),
+                      "log": str(res["log"]), "counts": res["counts"],
+                      "final": {k: round(v, 4) if isinstance(v, float) else v
+                                for k, v in res["final"].items()}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+import csv
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nets.cnn3d import load_classifier
+from pipeline import training
+from pipeline.io import write_csv, write_volume
+from pipeline.training import cut_cube, label_candidates, main, split_scans
+from stages.volume import Volume
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fake_luna(root, rng, layout=("subset0", "subset0", "subset1"), candidates=True):
+    """Small anisotropic CT-like scans, one 8 mm nodule each, written like LUNA16."""
+    ann, cands = [], []
+    for k, sub in enumerate(layout):
+        uid = f"1.2.3.{k}"
+        arr = rng.normal(-850, 40, size=(24, 48, 48))
+        vol = Volume(arr.astype(np.int16), spacing_mm=(2.0, 0.8, 0.8),
+                     origin_mm=(-20.0 + k, -15.0, 10.0), scan_id=uid)
+        zz, yy, xx = np.meshgrid(*[vol.origin_mm[a] + np.arange(n) * vol.spacing_mm[a]
+                                   for a, n in enumerate(vol.shape)], indexing="ij")
+        centre = np.array(vol.index_to_world([12, 24 + 3 * k, 20]))  # (z, y, x) mm
+        ball = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= 16
+        arr = vol.array.copy()
+        arr[ball] = 30
+        write_volume(vol.with_array(arr), root / sub / f"{uid}.mhd")
+        x, y, z = centre[::-1]
+        ann.append((uid, x, y, z, 8.0))
+        for j in range(3):  # the nodule, seen by a detector a little off-centre
+            d = rng.uniform(-1, 1, 3)
+            cands.append((uid, x + d[0], y + d[1], z + d[2], 1))
+        lo, hi = vol.bounds_mm()
+        for p in rng.uniform(lo + 8, hi - 8, size=(12, 3)):
+            if np.linalg.norm(p - centre) > 10:
+                cands.append((uid, p[2], p[1], p[0], 0))
+    write_csv(pd.DataFrame(ann, columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]),
+              root / "annotations.csv")
+    if candidates:
+        write_csv(pd.DataFrame(cands, columns=["seriesuid", "coordX", "coordY", "coordZ", "class"]),
+                  root / "candidates_V2.csv")
+    return ann
+
+
+ARGS = ["--epochs", "2", "--batch-size", "8", "--widths", "4,8", "--size-mm", "16", "--device", "cpu",
+        "--no-progress", "--max-neg-per-scan", "8"]
+
+
+def test_make_train_on_a_fake_luna_tree(tmp_path, rng, monkeypatch):
+    data, out = tmp_path / "luna", tmp_path / "models"
+    _fake_luna(data, rng)
+    assert main(["--data", str(data), "--out", str(out), *ARGS]) == 0
+
+    weights = out / training.WEIGHTS_NAME
+    raw = torch.load(weights, weights_only=True)
+    assert raw["preprocessing"]["size_mm"] == 16.0 and raw["info"]["seed"] == 0
+    model = load_classifier(weights, device="cpu")
+    assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1,)
+    card = (out / "nodule_cnn3d.md").read_text()
+    assert "Seed: 0" in card and "--epochs 2" in card and "Train: 2 scans" in card
+    assert "Validation: 1 scans" in card
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"] and "roc_auc" in rows[0]
+    caches = list((out / "cache").glob("cubes-*.h5"))
+    assert len(caches) == 1
+
+    import h5py
+    with h5py.File(caches[0]) as h5:
+        assert h5["train/cubes"].shape[1:] == (16, 16, 16)
+        assert int(h5["train/labels"][:].sum()) == 6 and int(h5["val/labels"][:].sum()) == 3
+        nodule = h5["val/cubes"][int(np.argmax(h5["val/labels"][:]))]
+        assert nodule[6:10, 6:10, 6:10].mean() > -200  # the ball is at the cube centre
+
+    # second run: cubes come from the cache (no scan is read) and training resumes from the
+    # checkpoint, which already holds both epochs
+    monkeypatch.setattr(training, "_read_scan", lambda p: pytest.fail(f"re-read {p}"))
+    assert main(["--data", str(data), "--out", str(out), *ARGS, "--resume"]) == 0
+    rows2 = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [r["valid_loss"] for r in rows2] == [r["valid_loss"] for r in rows]
+
+
+def test_train_without_candidate_list_and_with_split_folders(tmp_path, rng):
+    data, out = tmp_path / "bench", tmp_path / "m"
+    _fake_luna(data, rng, layout=("train", "train", "val", "test"), candidates=False)
+    res = training.train_classifier(data, out, epochs=1, batch_size=4, widths=(4,), size_mm=12,
+                                    max_neg_per_scan=6, device="cpu", progress=False)
+    assert res["counts"]["train"]["scans"] == 2 and res["counts"]["val"]["scans"] == 1
+    assert res["counts"]["train"]["positives"] >= 2
+    assert res["weights"].exists() and "detected" in res["candidates"]
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_cut_cube_samples_world_positions():
+    # value = 10 * z_mm + y_mm + 0.1 * x_mm is linear, so trilinear sampling is exact
+    vol = Volume(np.zeros((10, 20, 20), np.int16), spacing_mm=(3.0, 0.5, 0.5), origin_mm=(5.0, 0.0, 0.0))
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), -1)
+    w = vol.index_to_world(idx)
+    vol = vol.with_array(np.rint(w[..., 0] * 10 + w[..., 1] + 0.1 * w[..., 2]).astype(np.int16))
+    centre = np.array([17.0, 5.0, 4.0])
+    cube = cut_cube(vol, centre, size_mm=4, spacing_mm=1.0)
+    assert cube.shape == (4, 4, 4)
+    offs = np.arange(4) - 1.5
+    expect = (10 * (centre[0] + offs)[:, None, None] + (centre[1] + offs)[None, :, None]
+              + 0.1 * (centre[2] + offs)[None, None, :])
+    assert np.abs(cube - expect).max() <= 1.0
+    # outside the scan: air
+    edge = cut_cube(vol, (5.0, 0.0, 0.0), size_mm=4)
+    assert (edge[0] == -1000).all() and edge[-1, -1, -1] != -1000
+    assert (cut_cube(vol, (500.0, 0.0, 0.0), size_mm=4) == -1000).all()
+
+
+def test_split_and_labels():
+    scans = pd.DataFrame({"seriesuid": ["a", "b", "c"], "subset": ["subset0", "subset1", "subset9"]})
+    assert split_scans(scans).tolist() == ["train", "train", "val"]
+    scans["subset"] = ["train", "val", "test"]
+    assert split_scans(scans).fillna("-").tolist() == ["train", "val", "-"]
+    ann = pd.DataFrame({"seriesuid": ["a"], "coordX": [0.0], "coordY": [0.0], "coordZ": [0.0],
+                        "diameter_mm": [10.0]})
+    cands = pd.DataFrame({"seriesuid": ["a", "a", "b"], "coordX": [4.9, 5.1, 0.0],
+                          "coordY": [0.0, 0.0, 0.0], "coordZ": [0.0, 0.0, 0.0]})
+    assert label_candidates(cands, ann).tolist() == [1, 0, 0]
