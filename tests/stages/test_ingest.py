@@ -263,6 +263,24 @@ def test_real_jpeg2000_lossless_ct_matches_its_uncompressed_twin():
     assert np.array_equal(compressed.array, plain.array) and compressed.array.std() > 10
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the file's own odd UID
+def test_real_jpeg_lossless_ct_decodes_like_pydicom():
+    path = _data_file("bad_sequence.dcm")  # JPEG Lossless SV1, decoded by pylibjpeg-libjpeg
+    ds = pydicom.dcmread(path)
+    got = read_scan(path)
+    expected = np.clip(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept), -1024, 3071)
+    assert got.meta["transfer_syntax"].startswith("JPEG Lossless") and np.array_equal(got.array[0], expected)
+
+
+def test_folder_of_real_files_keeps_the_ct_and_reports_the_rest(tmp_path):
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"):
+        shutil.copy(_data_file(name), tmp_path / name)
+    got = read_scan(tmp_path)
+    assert got.shape == (1, 128, 128)
+    assert got.meta["skipped"] == ["MR_small.dcm: modality MR is not CT",
+                                   "rtplan.dcm: not an image (RTPLAN, RT Plan Storage)"]
+
+
 def test_enhanced_ct_multiframe_geometry_from_functional_groups():
     path = _data_file("eCT_Supplemental.dcm")
     ds = pydicom.dcmread(path)
