@@ -9,7 +9,7 @@ Two code paths, chosen from the geometry, not from the device:
 
 * **separable** -- when every output axis maps onto a single input axis (same direction,
   any spacing/origin), as in :func:`resample` and in most :func:`resample_like` calls:
-  1-D linear (or nearest) interpolation along z, then y, then x.  Exact for data that is
+  1-D linear (or nearest) interpolation along y, then x (on the input slices), then z.  Exact for data that is
   linear in world coordinates.
 * **general** -- any other direction: ``torch.nn.functional.grid_sample`` with
   ``align_corners=True`` (trilinear or nearest), coordinates computed in float64 and cast.
@@ -308,9 +308,14 @@ def _interp_axis(x, axis: int, p: np.ndarray, lo: int, order: int):
     import torch
 
     n = x.shape[axis]
+
+    def take(idx):
+        t = torch.from_numpy(idx).to(x.device)
+        # torch's CPU index_select along dim 0 is slow; plain indexing is not
+        return x[t] if axis == 0 else x.index_select(axis, t)
+
     if order == 0:
-        idx = np.clip(np.floor(p + 0.5).astype(np.int64) - lo, 0, n - 1)
-        return x.index_select(axis, torch.from_numpy(idx).to(x.device))
+        return take(np.clip(np.floor(p + 0.5).astype(np.int64) - lo, 0, n - 1))
     i0 = np.clip(np.floor(p).astype(np.int64), lo, lo + max(n - 2, 0))
     w = p - i0  # in [0, 1]; exactly 0 on input voxel centres
     i1 = np.minimum(i0 + 1 - lo, n - 1)
@@ -318,9 +323,8 @@ def _interp_axis(x, axis: int, p: np.ndarray, lo: int, order: int):
     shape = [1, 1, 1]
     shape[axis] = len(p)
     wt = torch.from_numpy(w.reshape(shape)).to(device=x.device, dtype=x.dtype)
-    x0 = x.index_select(axis, torch.from_numpy(i0).to(x.device))
-    x1 = x.index_select(axis, torch.from_numpy(i1).to(x.device))
-    return x0 + (x1 - x0) * wt
+    # x0 + (x1 - x0) * w in one pass; torch.lerp is exact at w = 0 and w = 1
+    return take(i0).lerp_(take(i1), wt)
 
 
 def _needed(p: np.ndarray, order: int, n_in: int) -> tuple[int, int]:
@@ -344,8 +348,10 @@ def _separable(src: np.ndarray, scale, shift, out: np.ndarray, *, order, dev, fi
         return
     ylo, yhi = _needed(py[iy], order, src.shape[1])
     xlo, xhi = _needed(px[ix], order, src.shape[2])
-    plane = max(yhi - ylo, out.shape[1]) * max(xhi - xlo, out.shape[2])
-    slab = max(1, SLAB_ELEMENTS // max(plane, 1))
+    plane_in = (yhi - ylo) * (xhi - xlo)
+    plane_out = out.shape[1] * out.shape[2]
+    per_slice = plane_in * max(abs(scale[0]), 0.05) + plane_in + 2 * plane_out
+    slab = max(1, int(SLAB_ELEMENTS // per_slice))
     yx_inside = iy[:, None] & ix[None, :]
     for z0 in range(0, out.shape[0], slab):
         z1 = min(z0 + slab, out.shape[0])
@@ -359,14 +365,32 @@ def _separable(src: np.ndarray, scale, shift, out: np.ndarray, *, order, dev, fi
         if chunk.dtype.kind == "u" and chunk.dtype.itemsize > 1 and order == 0:
             chunk = chunk.astype(np.int64)
         x = torch.from_numpy(chunk).to(device=dev, dtype=move_dtype)
-        x = _interp_axis(x, 0, np.clip(pzs, zlo, zhi - 1), zlo, order)
+        # in-plane first, on the (usually fewer) input slices, then along z
         x = _interp_axis(x, 1, np.clip(py, ylo, yhi - 1), ylo, order)
         x = _interp_axis(x, 2, np.clip(px, xlo, xhi - 1), xlo, order)
-        res = _to_numpy_dtype(x, out.dtype)
-        mask = zin[:, None, None] & yx_inside[None]
-        if not mask.all():
-            res[~mask] = fill
-        out[z0:z1] = res
+        x = _interp_axis(x, 0, np.clip(pzs, zlo, zhi - 1), zlo, order)
+        _store(x, out[z0:z1])
+        if not (zin.all() and yx_inside.all()):
+            out[z0:z1][~(zin[:, None, None] & yx_inside[None])] = fill
+
+
+def _store(t, dest: np.ndarray) -> None:
+    """Write result tensor ``t`` into ``dest`` (rounded and clipped for integer dtypes)."""
+    import torch
+
+    if dest.dtype.kind in "iu" and t.is_floating_point():
+        info = np.iinfo(dest.dtype)
+        t = torch.round(t).clamp_(float(info.min), float(info.max))
+    if dest.dtype.kind == "b" and t.is_floating_point():
+        t = t >= 0.5
+    if t.device.type == "cpu" and dest.flags.c_contiguous and dest.dtype in _COPY_DTYPES:
+        torch.from_numpy(dest).copy_(t)  # converts in place, no host temporaries
+    else:
+        dest[...] = t.cpu().numpy().astype(dest.dtype, copy=False)
+
+
+_COPY_DTYPES = {np.dtype(d) for d in (np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64,
+                                      np.float16, np.float32, np.float64)}
 
 
 def _general(src: np.ndarray, a, b, out: np.ndarray, *, order, dev, fill) -> None:
