@@ -558,16 +558,9 @@ class Background:
 
 
 def _lung_mask(vol) -> np.ndarray:
-    try:
-        from stages.lungmask import segment_lungs
-    except ImportError:  # stage not available: threshold + the two biggest interior components
-        air = vol.array < -320
-        lab, n = ndi.label(air)
-        border = np.unique(np.r_[lab[:, 0].ravel(), lab[:, -1].ravel(), lab[:, :, 0].ravel(), lab[:, :, -1].ravel()])
-        sizes = ndi.sum(air, lab, range(1, n + 1))
-        sizes[border[border > 0] - 1] = 0
-        keep = np.argsort(sizes)[::-1][:2] + 1
-        return ndi.binary_fill_holes(np.isin(lab, keep[sizes[keep - 1] > 0]))
+    """Both lungs (vessels and nodules inside included) of a 1 mm HU volume."""
+    from stages.lungmask import segment_lungs
+
     return segment_lungs(vol).array > 0
 
 
@@ -628,14 +621,10 @@ def _phantom_background(shape_zyx, seed: int) -> Background:
         raise DataUnavailable(f"phantom backgrounds need pipeline.phantom.make_phantom: {exc}") from exc
     vol, ann, truth = make_phantom(tuple(shape_zyx), (1.0, 1.0, 1.0), seed=int(seed), n_nodules=0,
                                    return_truth=True)
+    if len(ann):
+        raise RuntimeError(f"make_phantom(n_nodules=0) returned {len(ann)} nodules; they would be untracked truth")
     lung = np.asarray(truth["lung_mask"]) > 0
-    findings = []
-    if ann is not None and len(ann):  # a phantom that has nodules of its own: keep them as truth
-        for r in ann.itertuples():
-            c = vol.world_to_index([r.coordZ, r.coordY, r.coordX])
-            findings.append({"centre_zyx": np.asarray(c), "diameter_mm": float(r.diameter_mm),
-                             "source": "phantom", "mask": None})
-    return Background(np.asarray(vol.array).astype(np.int16), lung, vol.origin_mm, f"phantom-{seed}", findings)
+    return Background(np.asarray(vol.array).astype(np.int16), lung, vol.origin_mm, f"phantom-{seed}", [])
 
 
 # ============================================================================ builder

