@@ -572,7 +572,14 @@ def _lung1_base():
     from stages.resample import resample, resample_like
     from stages.volume import Volume
 
-    cache = cache_dir() / "benchmark" / "lung1_1mm.npz"
+    import hashlib
+
+    import stages.lungmask
+    import stages.resample
+
+    # the cached result depends on the code that made it: key it on that code
+    code = b"".join(Path(m.__file__).read_bytes() for m in (stages.resample, stages.lungmask))
+    cache = cache_dir() / "benchmark" / f"lung1_1mm-{hashlib.sha1(code).hexdigest()[:12]}.npz"
     if cache.is_file():
         z = np.load(cache)
         return z["array"], z["lung"], z["label"], tuple(z["origin"])
@@ -590,7 +597,7 @@ def _lung1_base():
     origin = vol.index_to_world([s.start for s in sl])
     out = vol.array[sl].astype(np.int16), lung[sl], label[sl], tuple(float(o) for o in origin)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(".lung1_1mm.part.npz")
+    tmp = cache.with_name(f".{cache.stem}.part.npz")
     np.savez_compressed(tmp, array=out[0], lung=out[1], label=out[2], origin=np.asarray(out[3]))
     os.replace(tmp, cache)
     return out
