@@ -855,24 +855,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_from_args(args: argparse.Namespace) -> dict:
+def run_from_args(args: argparse.Namespace) -> int:
+    """Build the benchmark the parsed ``args`` describe and print its counts; return 0."""
     manifest = build_benchmark(args.out, n_scans=args.n_scans, seed=args.seed, shape_zyx=tuple(args.shape),
                                n_real=args.n_real, real_split=args.real_split, workers=args.workers)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['n_scans']} scans, {info['n_nodules']} nodules, "
               f"{info['n_excluded']} excluded findings, {len(info['lidc_patients'])} LIDC patients")
     print(f"built in {manifest['build_seconds']} s -> {args.out}")
-    return manifest
+    return 0
 
 
 def main(argv=None) -> int:
     """``python -m pipeline.benchmark_data --out DIR [--n-scans N] [--seed S]``."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = add_arguments(argparse.ArgumentParser(prog="python -m pipeline.benchmark_data",
                                                    description="LIDC nodule shapes in CT backgrounds"))
-    run_from_args(parser.parse_args(argv))
-    return 0
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     raise SystemExit(main())

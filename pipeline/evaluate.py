@@ -447,8 +447,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_from_args(args: argparse.Namespace) -> FrocResult:
-    """Run the evaluation the parsed ``args`` describe, print it, write the files if ``--out``."""
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the evaluation the parsed ``args`` describe, print it, write the files if ``--out``.
+
+    Returns the exit status (0).
+    """
     ann = pd.read_csv(args.annotations, dtype={"seriesuid": str})
     cand = pd.read_csv(args.candidates, dtype={"seriesuid": str})
     exc = pd.read_csv(args.excluded, dtype={"seriesuid": str}) if args.excluded else None
@@ -459,15 +462,14 @@ def run_from_args(args: argparse.Namespace) -> FrocResult:
     if args.out:
         paths = write_froc(result, args.out, name=Path(args.candidates).stem)
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return result
+    return 0
 
 
 def main(argv=None) -> int:
     """``python -m pipeline.evaluate --annotations A --candidates C [...]``."""
     parser = add_arguments(argparse.ArgumentParser(
         prog="python -m pipeline.evaluate", description="LUNA16 FROC / CPM of CAD marks"))
-    run_from_args(parser.parse_args(argv))
-    return 0
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

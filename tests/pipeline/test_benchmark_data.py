@@ -227,6 +227,15 @@ def test_build_is_deterministic_whatever_the_worker_count(small_benchmark, tmp_p
     assert again["splits"]["test"]["n_nodules"] > 0
 
 
+def test_command_line(tmp_path, capsys, lidc_sqlite):
+    pytest.importorskip("pipeline.phantom")
+    assert bd.main(["--out", str(tmp_path), "--n-scans", "3", "--shape", "40", "64", "64",
+                    "--n-real", "0", "--workers", "1", "--seed", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "train: 1 scans" in printed and "test: 1 scans" in printed
+    assert (tmp_path / "manifest.json").is_file() and (tmp_path / "val" / "annotations.csv").is_file()
+
+
 def test_build_rejects_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="n_scans"):
         bd.build_benchmark(tmp_path, n_scans=0)

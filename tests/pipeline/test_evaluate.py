@@ -292,3 +292,13 @@ def test_write_froc_and_cli(tmp_path, capsys):
     assert (out / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(TypeError, match="FrocResult"):
         write_froc({"cpm": 1}, out)
+
+
+def test_registered_as_lungscreen_subcommand(tmp_path, capsys):
+    cli = pytest.importorskip("pipeline.__main__")
+    ann, cand = _two_nodules_four_scans()
+    ann.to_csv(tmp_path / "a.csv", index=False)
+    cand.rename(columns={"probability": "score"}).to_csv(tmp_path / "c.csv", index=False)
+    assert cli.main(["evaluate", "--annotations", str(tmp_path / "a.csv"), "--candidates",
+                     str(tmp_path / "c.csv"), "--n-bootstrap", "0"]) == 0
+    assert "CPM 1.0000" in capsys.readouterr().out  # default scans: A and B only, no FP
