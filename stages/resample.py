@@ -198,7 +198,7 @@ def resample_like(vol: Volume, reference: Volume, *, order: int = 0, device=None
     fill_value : float, optional
         Value for output voxels whose centre lies outside ``vol``'s voxels (more than half
         a voxel beyond its edge voxel centres, ITK's rule; within that half voxel the edge
-        value is used).  Default: 0 with
+        value is used).  Clipped to an integer dtype's range.  Default: 0 with
         ``order=0`` (label background), ``AIR_HU`` (-1000) with ``order=1`` (CT).
 
     Returns
@@ -282,9 +282,21 @@ def _index_map(vol: Volume, ref: Volume):
     return a, b
 
 
+def _fill_for(dtype: np.dtype, fill: float):
+    """``fill`` as the output dtype holds it: clipped to an integer dtype's range (so the
+    CT default -1000 becomes 0 in a uint16 map), ``fill > 0`` for bool."""
+    if dtype.kind == "b":
+        return bool(fill > 0)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return int(np.clip(np.rint(fill), info.min, info.max))
+    return fill
+
+
 def _resample_onto(vol: Volume, ref: Volume, *, order: int, dev, fill) -> np.ndarray:
     a, b = _index_map(vol, ref)
     out = np.empty(ref.shape, dtype=vol.array.dtype)
+    fill = _fill_for(out.dtype, fill)
     if 0 in vol.shape or 0 in ref.shape:
         out[...] = fill
         return out

@@ -194,6 +194,11 @@ def test_resample_like_fills_outside():
     np.testing.assert_array_equal(ct[..., 6:], -1000)
     lab = resample_like(vol.with_array(np.ones((4, 4, 4), np.uint8)), ref, device="cpu").array
     assert lab[..., :2].max() == 0 and lab[..., 2:6].min() == 1
+    # the CT fill (-1000) does not fit uint8: it is clipped to 0, not wrapped around
+    lin = resample_like(vol.with_array(np.full((4, 4, 4), 7, np.uint8)), ref, order=1, device="cpu").array
+    assert lin[..., :2].max() == 0 and lin[..., 2:6].min() == 7
+    own = resample_like(vol, ref, order=1, device="cpu", fill_value=-2048).array
+    assert own[..., 0].max() == -2048
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
