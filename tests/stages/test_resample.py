@@ -121,13 +121,18 @@ def test_matches_simpleitk_linear_with_rotated_direction(rng):
     assert np.max(np.abs(out.array - ref)) <= 0.5 + 1e-3  # only int16 rounding differs
 
 
+FLIP_Y = np.diag([1.0, -1.0, 1.0])                       # separable path, a negative step
+SWAP_YX = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # general path, axes exchanged
+
+
+@pytest.mark.parametrize("direction", [_rotation(25, 15), FLIP_Y, SWAP_YX], ids=["rotated", "flip", "swap"])
 @pytest.mark.parametrize("order, interp", [(1, sitk.sitkLinear), (0, sitk.sitkNearestNeighbor)])
-def test_resample_like_matches_simpleitk_across_directions(order, interp, rng):
+def test_resample_like_matches_simpleitk_across_directions(order, interp, direction, rng):
     arr = _smooth(rng, (16, 26, 24)).astype(np.float32)
     vol = Volume(arr, spacing_mm=(2.0, 1.0, 1.2), origin_mm=(-40.0, -12.0, -14.0))
-    # a rotated, shifted reference that partly leaves the volume (fill is tested too)
+    # a reoriented, shifted reference that partly leaves the volume (fill is tested too)
     ref = Volume(np.zeros((20, 22, 25), np.int16), spacing_mm=(1.5, 1.1, 1.0),
-                 origin_mm=(-35.0, -8.0, -16.0), direction=_rotation(25, 15))
+                 origin_mm=(-35.0, 2.0, -16.0), direction=direction)
     out = resample_like(vol, ref, order=order, device="cpu", fill_value=-1000)
     assert out.same_geometry(ref)
     expect = _sitk_resample(vol, ref, interp, -1000)
