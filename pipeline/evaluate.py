@@ -176,15 +176,19 @@ def _cap_marks(probs: np.ndarray, cap: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- ROC
-def _roc_counts(y: np.ndarray, score: np.ndarray, weight: np.ndarray | None = None):
+def _roc_counts(y: np.ndarray, score: np.ndarray, weight: np.ndarray | None = None, *,
+                presorted: bool = False):
     """``(fps, tps, thresholds)`` counts as scikit-learn's ``roc_curve`` computes them.
 
     Points at each distinct score (descending), collinear points dropped
-    (``drop_intermediate=True``), and ``(0, 0, inf)`` prepended.
+    (``drop_intermediate=True``), and ``(0, 0, inf)`` prepended.  ``presorted``: the
+    entries already come by descending score.
     """
-    order = np.argsort(score, kind="mergesort")[::-1]
-    score, y = score[order], y[order]
-    w = np.ones_like(score) if weight is None else weight[order]
+    if not presorted:
+        order = np.argsort(score, kind="mergesort")[::-1]
+        score, y = score[order], y[order]
+        weight = None if weight is None else weight[order]
+    w = np.ones_like(score) if weight is None else weight
     distinct = np.flatnonzero(np.diff(score))
     idx = np.r_[distinct, y.size - 1]
     tps = np.cumsum(y * w)[idx]
@@ -196,10 +200,10 @@ def _roc_counts(y: np.ndarray, score: np.ndarray, weight: np.ndarray | None = No
     return np.r_[0.0, fps], np.r_[0.0, tps], np.r_[np.inf, thr]
 
 
-def _froc_curve(y, score, n_scans, n_lesions, weight=None):
+def _froc_curve(y, score, n_scans, n_lesions, weight=None, *, presorted=False):
     if y.size == 0:
         return np.zeros(1), np.zeros(1), np.array([np.inf])
-    fps, tps, thr = _roc_counts(y, score, weight)
+    fps, tps, thr = _roc_counts(y, score, weight, presorted=presorted)
     return fps / n_scans, tps / n_lesions, thr
 
 
@@ -336,6 +340,8 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
     cpm_ci, sens_ci = nan2, {r: nan2 for r in fp_rates}
     band = [np.zeros(0)] * 4
     if n_bootstrap:
+        order = np.argsort(p, kind="mergesort")[::-1]  # sort once; each sample keeps the order
+        y, p, scan_of = y[order], p[order], scan_of[order]
         rng = np.random.default_rng(seed)
         grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, BAND_POINTS)
         at = np.zeros((n_bootstrap, len(fp_rates)))
@@ -347,7 +353,7 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
             n_les = float(mult @ lesions_per_scan)
             if n_les == 0:  # a sample with no nodule: sensitivity 0 everywhere
                 continue
-            bf, bs, _ = _froc_curve(y[sel], p[sel], n_scans, n_les, w[sel])
+            bf, bs, _ = _froc_curve(y[sel], p[sel], n_scans, n_les, w[sel], presorted=True)
             at[b] = np.interp(fp_rates, bf, bs)
             curves[b] = np.interp(grid, bf, bs)
         lo_i = int(math.floor(0.025 * n_bootstrap))
