@@ -31,16 +31,16 @@ class Step:
     cache: bool = True
 
 
-def _ingest(path, *, series_uid=None):
+def _ingest(path, **settings):
     from stages.ingest import read_scan
 
-    return {"ct": read_scan(path, series_uid=series_uid)}
+    return {"ct": read_scan(path, **settings)}
 
 
-def _resample(ct, *, spacing_mm=(1.0, 1.0, 1.0), device="auto"):
+def _resample(ct, *, spacing_mm=(1.0, 1.0, 1.0), device="auto", **settings):
     from stages.resample import resample
 
-    return {"ct_1mm": resample(ct, spacing_mm=tuple(spacing_mm), device=_device(device))}
+    return {"ct_1mm": resample(ct, spacing_mm=tuple(spacing_mm), device=_device(device), **settings)}
 
 
 def _lungmask(ct_1mm, **settings):

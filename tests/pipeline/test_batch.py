@@ -1,0 +1,207 @@
+"""Batch runs (issue 7): DSB-layout trees with broken scans, kill -9 and resume, Dask."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+import yaml
+
+from pipeline.__main__ import main
+from pipeline.data import pydicom_test_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Small phantoms keep a 25-scan run inside CI's budget.
+PHANTOM = dict(shape_zyx=(36, 96, 96), spacing_mm=(3.0, 2.4, 2.4), n_nodules=2)
+
+
+def _config(tmp_path, stages=("ingest", "resample", "lungmask", "candidates")) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    config["stages"] = list(stages)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _phantom_tree(root: Path, n: int, seed0: int = 0) -> list[Path]:
+    from pipeline.phantom import write_phantom_scan
+
+    folders = []
+    for i in range(n):
+        folder = root / f"patient{i:03d}"
+        write_phantom_scan(folder, fmt="dicom", seed=seed0 + i, **PHANTOM)
+        folders.append(folder)
+    return folders
+
+
+def _broken_scans(root: Path) -> None:
+    from pipeline.dicomio import write_rtstruct
+    from pipeline.phantom import write_phantom_scan
+
+    # 1. truncated files: a whole series cut short
+    trunc = root / "broken_truncated"
+    write_phantom_scan(trunc, fmt="dicom", seed=99, **PHANTOM)
+    for f in trunc.iterdir():
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 3])
+    # 2. a non-image series only
+    write_rtstruct(root / "broken_rtstruct")
+    # 3. mixed series with no CT
+    mixed = root / "broken_no_ct"
+    mixed.mkdir()
+    shutil.copy(pydicom_test_file("MR_small.dcm"), mixed / "mr1")
+    write_rtstruct(mixed)
+    # 4. absurd header dimensions
+    absurd = root / "broken_absurd"
+    absurd.mkdir()
+    ds = pydicom.dcmread(pydicom_test_file("CT_small.dcm"))
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 65535, 65535, 4000
+    ds.save_as(absurd / "big.dcm")
+    # 5. an unreadable file: not DICOM at all
+    junk = root / "broken_junk"
+    junk.mkdir()
+    (junk / "scan.dcm").write_bytes(b"\x00garbage, not a DICOM file" * 10)
+
+
+def test_dsb_tree_with_broken_scans_runs_to_the_end(tmp_path):
+    tree = tmp_path / "dsb"
+    _phantom_tree(tree, 20)
+    _broken_scans(tree)
+    out = tmp_path / "out"
+    status = main(["run", str(tree), "--out", str(out), "--config", str(_config(tmp_path)),
+                   "--no-progress", "--pictures", "0"])
+    assert status == 1  # some failed
+    errors = pd.read_csv(out / "errors.csv")
+    assert len(errors) == 5, errors
+    assert sorted(Path(p).name for p in errors["path"]) == [
+        "broken_absurd", "broken_junk", "broken_no_ct", "broken_rtstruct", "broken_truncated"]
+    assert all("\n" not in e and e for e in errors["error"])
+    done = [d for d in out.iterdir() if (d / "scan.json").exists()]
+    assert len(done) == 20
+    cands = pd.read_csv(out / "candidates.csv", dtype={"seriesuid": str})
+    assert cands["seriesuid"].nunique() == 20
+    html = (out / "report.html").read_text()
+    assert "20 scans done, 5 failed" in html
+    for d in done:
+        for name in ("ct_1mm.nrrd", "lung_mask.nrrd", "candidates.csv", "preview.png", "scan.h5"):
+            assert (d / name).exists(), (d, name)
+    assert not list(out.rglob(".*.part*"))
+
+
+def _cli(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+
+
+def test_kill_9_and_resume_gives_identical_csvs(tmp_path):
+    tree = tmp_path / "dsb"
+    _phantom_tree(tree, 5, seed0=40)
+    _broken_scans(tree)
+    config = str(_config(tmp_path))
+    clean = tmp_path / "clean"
+    assert _cli(["run", str(tree), "--out", str(clean), "--config", config, "--pictures", "1"]).wait() == 1
+    killed = tmp_path / "killed"
+    rnd = random.Random(7)
+    for _ in range(3):
+        proc = _cli(["run", str(tree), "--out", str(killed), "--config", config, "--pictures", "1"])
+        time.sleep(rnd.uniform(2.0, 12.0))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _cli(["run", str(tree), "--out", str(killed), "--config", config, "--pictures", "1"]).wait() == 1
+    for name in ("candidates.csv", "errors.csv"):
+        assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
+    # a further rerun recomputes nothing: every scan reports "cached"
+    import json
+
+    proc = _cli(["run", str(tree), "--out", str(killed), "--config", config, "--pictures", "1"])
+    assert proc.wait() == 1
+    scans = json.loads((killed / "run.json").read_text())["scans"]
+    assert {s["status"] for s in scans if s["status"] != "failed"} == {"cached"}
+
+
+def test_dask_executor_matches_local_pool(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    tree = tmp_path / "dsb"
+    _phantom_tree(tree, 2, seed0=70)
+    config = str(_config(tmp_path))
+    assert main(["run", str(tree), "--out", str(tmp_path / "local"), "--config", config,
+                 "--no-progress", "--pictures", "0"]) == 0
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        assert main(["run", str(tree), "--out", str(tmp_path / "dask"), "--config", config,
+                     "--executor", "dask", "--scheduler", cluster.scheduler_address,
+                     "--no-progress", "--pictures", "0"]) == 0
+    for name in ("candidates.csv", "errors.csv"):
+        assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+def test_stage_cache_recomputes_only_what_changed(tmp_path):
+    tree = tmp_path / "one"
+    _phantom_tree(tree, 1, seed0=80)
+    out = tmp_path / "out"
+    config = _config(tmp_path)
+    assert main(["run", str(tree), "--out", str(out), "--config", str(config), "--no-progress",
+                 "--pictures", "0"]) == 0
+    import json
+
+    first = json.loads((out / "run.json").read_text())["scans"][0]
+    assert set(first["seconds"]) >= {"ingest", "resample", "lungmask", "candidates"}
+    settings = yaml.safe_load(config.read_text())
+    settings.setdefault("candidates", {})["max_candidates"] = 7
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["run", str(tree), "--out", str(out), "--config", str(config), "--no-progress",
+                 "--pictures", "0"]) == 0
+    second = json.loads((out / "run.json").read_text())["scans"][0]
+    assert "candidates" in second["seconds"]
+    assert not {"ingest", "resample", "lungmask"} & set(second["seconds"])
+    assert len(pd.read_csv(out / "candidates.csv")) <= 7
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["run", str(tmp_path), "--executor", "dask"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [ingest, nosuchstage]\n")
+    assert main(["run", str(tmp_path), "--config", str(bad)]) == 2
+    assert "unknown stage 'nosuchstage'" in capsys.readouterr().err
+
+
+def test_no_patient_identifiers_in_any_output(tmp_path, caplog):
+    """Patient name, ID, birth date and accession number never reach outputs, logs or names."""
+    import logging
+
+    import numpy as np
+
+    from pipeline.dicomio import write_dicom_series
+    from stages.volume import Volume
+
+    secrets = {"PatientName": "DOE^JOHN", "PatientID": "PID778899", "PatientBirthDate": "19450317",
+               "AccessionNumber": "ACC55661"}
+    folder = tmp_path / "PID778899"  # DSB-style folder named after the patient
+    hu = np.full((6, 32, 32), -800, np.int16)
+    write_dicom_series(Volume(hu, spacing_mm=(2.0, 1.0, 1.0), scan_id="1.2.3.4"), folder)
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        for tag, value in secrets.items():
+            setattr(ds, tag, value)
+        ds.save_as(f)
+    out = tmp_path / "out"
+    caplog.set_level(logging.DEBUG)
+    assert main(["run", str(folder), "--out", str(out), "--config", str(_config(tmp_path, ("ingest", "resample"))),
+                 "--no-progress"]) == 0
+    blobs = [(p, p.read_bytes()) for p in out.rglob("*") if p.is_file()]
+    assert blobs
+    for value in secrets.values():
+        if value == "PID778899":  # the user's own folder name may appear in run.json's source paths
+            assert not [p for p, _ in blobs if value in p.name or value in p.parent.name]
+            continue
+        assert not [p for p, b in blobs if value.encode() in b], value
+        assert value not in caplog.text
