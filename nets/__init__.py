@@ -1,1 +1,13 @@
-"""lungscreen models and the shared training core (`nets.train.Learner`)."""
+"""lungscreen models and the shared training core (`nets.train.Learner`).
+
+- :mod:`nets.train`: the one training loop (``Learner`` with ``fit``, ``fit_one_cycle``,
+  ``lr_find``), the closed list of events, ``Callback``, ``set_seed``, ``pick_device``.
+- :mod:`nets.callbacks`: schedules, LR finder, early stopping, checkpoint/resume, CSV/JSON
+  logging, progress bars, mixed precision, gradient clipping, NaN guard, metrics.
+- :mod:`nets.cnn3d`: the false-positive classifier on 32 mm candidate cubes
+  (``NoduleNet3D``, ``predict_tta``, ``save_classifier``/``load_classifier``).
+- :mod:`nets.rnn`: the patient-level GRU over ranked candidate embeddings, trained by the same
+  Learner through the ``rnn_cbs()`` callback bundle.
+- :mod:`nets.data`: cube dataset and augmentation, the positive-fraction batch sampler,
+  candidate-set dataset and padding collate.
+"""

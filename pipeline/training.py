@@ -7,6 +7,10 @@ The tree (LUNA16 as distributed, or :mod:`pipeline.benchmark_data`'s benchmark):
     DIR/subset0..subset9/<seriesuid>.mhd   or   DIR/train|val|test/<seriesuid>.mhd
     DIR/annotations.csv                    seriesuid,coordX,coordY,coordZ,diameter_mm
     DIR/candidates_V2.csv  (optional)      seriesuid,coordX,coordY,coordZ,class
+    DIR/annotations_excluded.csv (optional) findings < 3 mm: never used as negatives
+
+(each table may instead sit in the scan folders, ``DIR/<split>/annotations.csv``, as the
+benchmark writes them).
 
 Steps: find scans and split them (``train``/``val`` folders; else the last ``subset*`` is
 validation; else a fixed 80/20 split of the uids); take the candidates (``candidates_V2.csv``,
@@ -88,6 +92,19 @@ def _hash_split(uids: pd.Series, val_fraction: float) -> pd.Series:
     if (split == "val").sum() == 0 and len(split) > 1:  # tiny trees: hold out the lowest hash
         split[h.idxmin()] = "val"
     return split
+
+
+def _read_table(root: Path, reader, name: str, scans: pd.DataFrame) -> pd.DataFrame:
+    """``reader(root)``, else the concatenation of ``reader(root/<folder>)`` over scan folders
+    (the benchmark keeps one ``annotations.csv`` per split)."""
+    try:
+        return reader(root)
+    except FileNotFoundError:
+        frames = [reader(root / sub) for sub in sorted(set(scans["subset"]))
+                  if (root / sub / name).is_file()]
+        if not frames:
+            raise
+        return pd.concat(frames, ignore_index=True)
 
 
 def label_candidates(cands: pd.DataFrame, annotations: pd.DataFrame) -> np.ndarray:
@@ -294,7 +311,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     from nets.cnn3d import NoduleNet3D, save_classifier
     from nets.data import CubeDataset, PositiveFractionSampler, augment_cube
     from nets.train import DataLoaders, Learner, pick_device, set_seed
-    from pipeline.luna16 import read_annotations, read_candidates
+    from pipeline.luna16 import read_annotations, read_candidates, read_excluded
 
     if epochs < 1 or batch_size < 2 or max_neg_per_scan < 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 2, max_neg_per_scan >= 0; got "
@@ -305,13 +322,21 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     scans = find_scans(data)
     scans["split"] = split_scans(scans)
     scans = scans[scans["split"].isin(["train", "val"])].reset_index(drop=True)
-    annotations = read_annotations(data)
+    annotations = _read_table(data, read_annotations, "annotations.csv", scans)
     try:
-        cands, cand_source = read_candidates(data), "candidates_V2.csv"
+        cands = _read_table(data, read_candidates, "candidates_V2.csv", scans)
+        cand_source = "candidates_V2.csv"
     except FileNotFoundError:
         cands = _detected_candidates(scans, annotations, rng, max_neg_per_scan)
         cand_source = "detected (no candidates_V2.csv)"
     cands = cands[cands["seriesuid"].isin(scans["seriesuid"])]
+    try:  # findings LUNA16 ignores (< 3 mm): neither nodule nor non-nodule examples
+        excluded = _read_table(data, read_excluded, "annotations_excluded.csv", scans)
+    except FileNotFoundError:
+        excluded = None
+    if excluded is not None:
+        near_excluded = label_candidates(cands, excluded).astype(bool)
+        cands = cands[~(near_excluded & (cands["class"].to_numpy() == 0))]
     neg = cands[cands["class"] == 0].sample(frac=1.0, random_state=seed)
     neg = neg[neg.groupby("seriesuid").cumcount().to_numpy() < max_neg_per_scan]
     cands = pd.concat([cands[cands["class"] == 1], neg]).sort_index().reset_index(drop=True)

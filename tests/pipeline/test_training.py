@@ -20,7 +20,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _fake_luna(root, rng, layout=("subset0", "subset0", "subset1"), candidates=True):
+def _fake_luna(root, rng, layout=("subset0", "subset0", "subset1"), candidates=True,
+               per_folder=False):
     """Small anisotropic CT-like scans, one 8 mm nodule each, written like LUNA16."""
     ann, cands = [], []
     for k, sub in enumerate(layout):
@@ -44,8 +45,13 @@ def _fake_luna(root, rng, layout=("subset0", "subset0", "subset1"), candidates=T
         for p in rng.uniform(lo + 8, hi - 8, size=(12, 3)):
             if np.linalg.norm(p - centre) > 10:
                 cands.append((uid, p[2], p[1], p[0], 0))
-    write_csv(pd.DataFrame(ann, columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]),
-              root / "annotations.csv")
+    ann_df = pd.DataFrame(ann, columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+    if per_folder:  # the benchmark's layout: one table per split folder
+        for sub in set(layout):
+            rows = [k for k, folder in enumerate(layout) if folder == sub]
+            write_csv(ann_df.iloc[rows], root / sub / "annotations.csv")
+    else:
+        write_csv(ann_df, root / "annotations.csv")
     if candidates:
         write_csv(pd.DataFrame(cands, columns=["seriesuid", "coordX", "coordY", "coordZ", "class"]),
                   root / "candidates_V2.csv")
@@ -53,12 +59,15 @@ def _fake_luna(root, rng, layout=("subset0", "subset0", "subset1"), candidates=T
 
 
 ARGS = ["--epochs", "2", "--batch-size", "8", "--widths", "4,8", "--size-mm", "16", "--device", "cpu",
-        "--no-progress", "--max-neg-per-scan", "8"]
+        "--no-progress", "--max-neg-per-scan", "50"]
 
 
 def test_make_train_on_a_fake_luna_tree(tmp_path, rng, monkeypatch):
     data, out = tmp_path / "luna", tmp_path / "models"
     _fake_luna(data, rng)
+    cands = pd.read_csv(data / "candidates_V2.csv")
+    skip = cands[cands["class"] == 0].iloc[:1].assign(diameter_mm=2.0).drop(columns="class")
+    write_csv(skip, data / "annotations_excluded.csv")  # a < 3 mm finding: not a negative
     assert main(["--data", str(data), "--out", str(out), *ARGS]) == 0
 
     weights = out / training.WEIGHTS_NAME
@@ -80,6 +89,9 @@ def test_make_train_on_a_fake_luna_tree(tmp_path, rng, monkeypatch):
         assert int(h5["train/labels"][:].sum()) == 6 and int(h5["val/labels"][:].sum()) == 3
         nodule = h5["val/cubes"][int(np.argmax(h5["val/labels"][:]))]
         assert nodule[6:10, 6:10, 6:10].mean() > -200  # the ball is at the cube centre
+        centres = np.concatenate([h5["train/centre_xyz_mm"][:], h5["val/centre_xyz_mm"][:]])
+        gap = np.linalg.norm(centres - skip[["coordX", "coordY", "coordZ"]].to_numpy(), axis=1)
+        assert gap.min() > 0.5
 
     # second run: cubes come from the cache (no scan is read) and training resumes from the
     # checkpoint, which already holds both epochs
@@ -91,7 +103,8 @@ def test_make_train_on_a_fake_luna_tree(tmp_path, rng, monkeypatch):
 
 def test_train_without_candidate_list_and_with_split_folders(tmp_path, rng):
     data, out = tmp_path / "bench", tmp_path / "m"
-    _fake_luna(data, rng, layout=("train", "train", "val", "test"), candidates=False)
+    _fake_luna(data, rng, layout=("train", "train", "val", "test"), candidates=False,
+               per_folder=True)
     res = training.train_classifier(data, out, epochs=1, batch_size=4, widths=(4,), size_mm=12,
                                     max_neg_per_scan=6, device="cpu", progress=False)
     assert res["counts"]["train"]["scans"] == 2 and res["counts"]["val"]["scans"] == 1
