@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -508,8 +508,3 @@ class Learner:
                 pred = self.model(*batch[:n_inp])
                 outs.append((pred[0] if isinstance(pred, tuple) else pred).float().cpu())
         return torch.cat(outs)
-
-    def state(self) -> dict[str, Any]:
-        """Model and optimiser state (weights_only-loadable tensors and containers)."""
-        return {"model": self.model.state_dict(),
-                "opt": self.opt.state_dict() if self.opt is not None else {}}

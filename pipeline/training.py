@@ -49,6 +49,8 @@ WEIGHTS_NAME = "nodule_cnn3d.pt"
 AIR_HU = -1000.0
 #: Fraction of the uids held out for validation when the tree has no split folders.
 VAL_FRACTION = 0.2
+#: Training batches swept by the LR finder when ``lr`` is None (``--lr auto``).
+LR_FIND_ITERS = 100
 #: Random negatives keep at least this far (mm) beyond an annotation's radius (fallback only).
 NEG_MARGIN_MM = 10.0
 
@@ -301,6 +303,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     """Train the false-positive classifier; write weights, model card, log and checkpoint.
 
     Returns a dict with the written paths, the data counts and the last epoch's metrics.
+    ``lr=None`` runs :meth:`nets.train.Learner.lr_find` first and trains at its suggestion.
     Parameters mirror the CLI flags (see ``python -m pipeline.training --help``); units are
     in the names.  ``patience=0`` turns early stopping off.
     """
@@ -313,6 +316,8 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     from nets.train import DataLoaders, Learner, pick_device, set_seed
     from pipeline.luna16 import read_annotations, read_candidates, read_excluded
 
+    if lr is not None and not lr > 0:
+        raise ValueError(f"lr must be > 0, or None to run the LR finder; got {lr}")
     if epochs < 1 or batch_size < 2 or max_neg_per_scan < 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 2, max_neg_per_scan >= 0; got "
                          f"{epochs}, {batch_size}, {max_neg_per_scan}")
@@ -374,8 +379,14 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         cbs.append(EarlyStopping("valid_loss", patience=patience))
     learn = Learner(model, DataLoaders(train_dl, valid_dl),
                     lambda p, y: torch.nn.functional.binary_cross_entropy_with_logits(p.float(), y),
-                    lr=lr, wd=weight_decay, cbs=cbs, metrics=[roc_auc, accuracy], device=dev,
+                    lr=lr or 1e-3, wd=weight_decay, cbs=cbs, metrics=[roc_auc, accuracy], device=dev,
                     progress=progress)
+    lr_found = None
+    if lr is None:  # "--lr auto": sweep first (weights and RNG are restored afterwards)
+        lr_found = learn.lr_find(num_it=LR_FIND_ITERS)
+        lr = lr_found.suggested
+        log.info("lr_find suggests %.3g (steepest %.3g, min/10 %.3g)", lr, lr_found.steep,
+                 lr_found.min_div10)
     t0 = time.perf_counter()
     learn.fit_one_cycle(epochs, lr)
     train_s = time.perf_counter() - t0
@@ -389,7 +400,10 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     result = {"weights": weights, "log": out / "train_log.csv", "card": out / "nodule_cnn3d.md",
               "checkpoint": out / "checkpoint.pt", "cache": cache, "counts": counts,
               "final": final, "history": history, "device": str(dev), "train_s": train_s,
-              "candidates": cand_source}
+              "candidates": cand_source, "lr": float(lr),
+              "lr_find": None if lr_found is None else {"suggested": lr_found.suggested,
+                                                        "steep": lr_found.steep,
+                                                        "min_div10": lr_found.min_div10}}
     _write_card(result, model=learn.model, data=data, command=command, seed=seed, epochs=epochs,
                 lr=lr, batch_size=batch_size, pos_fraction=pos_fraction, size_mm=size_mm,
                 max_neg_per_scan=max_neg_per_scan, weight_decay=weight_decay)
@@ -425,7 +439,8 @@ def _write_card(res: dict, *, model, data, command, **settings) -> None:
 - At most {settings['max_neg_per_scan']} non-nodule candidates per scan; every nodule kept
 
 ## Training
-- `Learner.fit_one_cycle({settings['epochs']}, lr_max={settings['lr']:g})`, AdamW, weight decay {settings['weight_decay']:g}
+- `Learner.fit_one_cycle({settings['epochs']}, lr_max={res['lr']:.3g})`, AdamW, weight decay {settings['weight_decay']:g}
+- Learning rate: {'given' if res['lr_find'] is None else 'from learn.lr_find() (steepest descent %.3g, min/10 %.3g)' % (res['lr_find']['steep'], res['lr_find']['min_div10'])}
 - Batches of {settings['batch_size']} with a fraction {settings['pos_fraction']:g} of nodules; random flips,
   axial 90-degree rotations and 0.9-1.1 zoom
 
@@ -446,7 +461,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models", help="output folder (default: models/)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--lr", default="3e-3",
+                   help="peak learning rate of the one-cycle schedule, or 'auto' (LR finder)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--pos-fraction", type=float, default=0.25, help="fraction of nodules per batch")
     p.add_argument("--max-neg-per-scan", type=int, default=200)
@@ -472,8 +488,9 @@ def main(argv=None) -> int:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
         widths = tuple(int(w) for w in args.widths.split(","))
+        lr = None if args.lr == "auto" else float(args.lr)
         res = train_classifier(args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                               lr=args.lr, weight_decay=args.weight_decay,
+                               lr=lr, weight_decay=args.weight_decay,
                                pos_fraction=args.pos_fraction, max_neg_per_scan=args.max_neg_per_scan,
                                size_mm=args.size_mm, widths=widths, patience=args.patience,
                                seed=args.seed, device=args.device, workers=args.workers,

@@ -69,6 +69,7 @@ def test_make_train_on_a_fake_luna_tree(tmp_path, rng, monkeypatch):
     skip = cands[cands["class"] == 0].iloc[:1].assign(diameter_mm=2.0).drop(columns="class")
     write_csv(skip, data / "annotations_excluded.csv")  # a < 3 mm finding: not a negative
     assert main(["--data", str(data), "--out", str(out), *ARGS]) == 0
+    assert "lr_max=0.003" in (out / "nodule_cnn3d.md").read_text()
 
     weights = out / training.WEIGHTS_NAME
     raw = torch.load(weights, weights_only=True)
@@ -106,7 +107,9 @@ def test_train_without_candidate_list_and_with_split_folders(tmp_path, rng):
     _fake_luna(data, rng, layout=("train", "train", "val", "test"), candidates=False,
                per_folder=True)
     res = training.train_classifier(data, out, epochs=1, batch_size=4, widths=(4,), size_mm=12,
-                                    max_neg_per_scan=6, device="cpu", progress=False)
+                                    max_neg_per_scan=6, device="cpu", progress=False, lr=None)
+    assert 1e-7 < res["lr"] < 10 and res["lr"] == res["lr_find"]["suggested"]
+    assert "from learn.lr_find()" in res["card"].read_text()
     assert res["counts"]["train"]["scans"] == 2 and res["counts"]["val"]["scans"] == 1
     assert res["counts"]["train"]["positives"] >= 2
     assert res["weights"].exists() and "detected" in res["candidates"]
