@@ -51,6 +51,10 @@ AIR_HU = -1000.0
 VAL_FRACTION = 0.2
 #: Training batches swept by the LR finder when ``lr`` is None (``--lr auto``).
 LR_FIND_ITERS = 100
+#: Voxel size (mm) the candidate detector runs at.
+DETECT_SPACING_MM = 1.0
+#: Fallback negatives are drawn first from voxels at least this dense (HU): soft tissue, vessels.
+NEG_MIN_HU = -500.0
 #: Random negatives keep at least this far (mm) beyond an annotation's radius (fallback only).
 NEG_MARGIN_MM = 10.0
 
@@ -129,35 +133,52 @@ def _read_scan(path):
     return read_scan(path)
 
 
-def _detected_candidates(scans, annotations, rng, n_random: int) -> pd.DataFrame:
-    """Candidates when the tree has no candidate list: the detector's, else random points."""
+def _detected_candidates(scans, annotations, rng, n_random: int, device=None) -> pd.DataFrame:
+    """Candidates when the tree has no candidate list: lungscreen's own detector
+    (resample to 1 mm, :func:`stages.lungmask.segment_lungs`,
+    :func:`stages.candidates.find_candidates`); random points where it finds nothing.
+    Every annotated nodule is added as a positive."""
     try:
         from stages.candidates import find_candidates
+        from stages.lungmask import segment_lungs
+        from stages.resample import resample
     except ImportError:
         find_candidates = None
         log.warning("no candidates_V2.csv and no stages.candidates: using the annotations as "
-                    "positives and random points inside each scan as negatives")
+                    "positives and random points away from them (dense tissue first) as negatives")
     frames = []
     for row in scans.itertuples():
         vol = _read_scan(row.path)
         ann = annotations[annotations["seriesuid"] == row.seriesuid]
+        c = None
         if find_candidates is not None:
-            found = find_candidates(vol)
-            c = found[["coordX", "coordY", "coordZ"]].copy()
-        else:
+            vol1 = (vol if np.allclose(vol.spacing_mm, DETECT_SPACING_MM, atol=0.01)
+                    else resample(vol, DETECT_SPACING_MM, device=device))
+            found = find_candidates(vol1, segment_lungs(vol1), device=device)
+            if len(found):
+                c = found[["coordX", "coordY", "coordZ"]].copy()
+            else:
+                log.info("%s: the detector found no candidate; random negatives instead",
+                         row.seriesuid)
+        if c is None:
             c = _random_points(vol, ann, rng, n_random)
         c.insert(0, "seriesuid", row.seriesuid)
         frames.append(c)
-        pos = ann[["seriesuid", "coordX", "coordY", "coordZ"]]
-        frames.append(pos)  # every annotated nodule is a positive example
+        frames.append(ann[["seriesuid", "coordX", "coordY", "coordZ"]])
     cands = pd.concat(frames, ignore_index=True)
     cands["class"] = label_candidates(cands, annotations)
     return cands
 
 
 def _random_points(vol, ann, rng, n: int) -> pd.DataFrame:
+    """Up to ``n`` points away from the nodules: tissue-dense voxels first (harder negatives:
+    vessels, chest wall), then anywhere in the scan."""
+    dense = np.flatnonzero(vol.array.reshape(-1) >= NEG_MIN_HU)
+    picks = rng.choice(dense, size=min(4 * n, len(dense)), replace=True) if len(dense) else []
+    tissue = vol.index_to_world(np.stack(np.unravel_index(picks, vol.shape), -1)) if len(picks) \
+        else np.zeros((0, 3))
     lo, hi = vol.bounds_mm()
-    pts = rng.uniform(lo, hi, size=(4 * n, 3))[:, ::-1]  # (z, y, x) -> (x, y, z)
+    pts = np.concatenate([tissue, rng.uniform(lo, hi, size=(4 * n, 3))])[:, ::-1]  # -> (x, y, z)
     if len(ann):
         centres = ann[["coordX", "coordY", "coordZ"]].to_numpy(float)
         dist = np.linalg.norm(pts[:, None] - centres[None], axis=2)
@@ -332,7 +353,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         cands = _read_table(data, read_candidates, "candidates_V2.csv", scans)
         cand_source = "candidates_V2.csv"
     except FileNotFoundError:
-        cands = _detected_candidates(scans, annotations, rng, max_neg_per_scan)
+        cands = _detected_candidates(scans, annotations, rng, max_neg_per_scan, device=str(dev))
         cand_source = "detected (no candidates_V2.csv)"
     cands = cands[cands["seriesuid"].isin(scans["seriesuid"])]
     try:  # findings LUNA16 ignores (< 3 mm): neither nodule nor non-nodule examples

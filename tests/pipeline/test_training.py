@@ -113,6 +113,7 @@ def test_train_without_candidate_list_and_with_split_folders(tmp_path, rng):
     assert res["counts"]["train"]["scans"] == 2 and res["counts"]["val"]["scans"] == 1
     assert res["counts"]["train"]["positives"] >= 2
     assert res["weights"].exists() and "detected" in res["candidates"]
+    assert res["counts"]["train"]["cubes"] > res["counts"]["train"]["positives"]
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -151,3 +152,19 @@ def test_split_and_labels():
     cands = pd.DataFrame({"seriesuid": ["a", "a", "b"], "coordX": [4.9, 5.1, 0.0],
                           "coordY": [0.0, 0.0, 0.0], "coordZ": [0.0, 0.0, 0.0]})
     assert label_candidates(cands, ann).tolist() == [1, 0, 0]
+
+
+def test_random_negatives_prefer_dense_tissue_away_from_nodules(rng):
+    arr = np.full((40, 40, 40), -900, np.int16)
+    arr[:, :, 20:] = 40  # a soft-tissue half (x >= 20 mm)
+    vol = Volume(arr, spacing_mm=(1.0, 1.0, 1.0))
+    ann = pd.DataFrame({"seriesuid": ["s"], "coordX": [4.0], "coordY": [20.0], "coordZ": [20.0],
+                        "diameter_mm": [6.0]})
+    pts = training._random_points(vol, ann, rng, 30)
+    assert len(pts) == 30
+    xyz = pts[["coordX", "coordY", "coordZ"]].to_numpy()
+    assert (xyz[:, 0] >= 20).all()  # all in the dense half
+    assert (np.linalg.norm(xyz - [4.0, 20.0, 20.0], axis=1) > 3 + training.NEG_MARGIN_MM).all()
+    ann["coordX"] = 30.0  # a nodule in the dense half: no negative near it
+    xyz = training._random_points(vol, ann, rng, 30)[["coordX", "coordY", "coordZ"]].to_numpy()
+    assert (np.linalg.norm(xyz - [30.0, 20.0, 20.0], axis=1) > 3 + training.NEG_MARGIN_MM).all()
