@@ -475,7 +475,7 @@ class ProgressCallback(Callback):
     def before_train(self):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.learn.n_iter or len(self.learn.dls.train), leave=False,
+        self.bar = tqdm(total=len(self.learn.dls.train), leave=False,
                         disable=self.disable, desc=f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}")
 
     def after_batch(self):
@@ -492,10 +492,13 @@ class ProgressCallback(Callback):
 
     def after_epoch(self):
         if (not self.disable) if self.disable is not None else _isatty():
-            row = self.learn.recorder.values[-1]
+            import sys
+
             from tqdm.auto import tqdm
+
+            row = self.learn.recorder.values[-1]
             tqdm.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in row.items()))
+                                 for k, v in row.items()), file=sys.stderr)
 
 
 def _isatty() -> bool:

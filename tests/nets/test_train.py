@@ -277,3 +277,14 @@ def test_cancel_fit_from_callback_still_runs_after_fit():
     learn.fit(3)
     assert rec.seen.count("after_batch") == 3 and rec.seen[-2:] == ["after_cancel_fit", "after_fit"]
     assert len(learn.recorder.losses) == 3
+
+
+def test_progress_bar_on_request_and_off_by_default(capsys):
+    _learner().fit(1)  # progress=False
+    assert "epoch 1/1" not in capsys.readouterr().err
+    set_seed(0)
+    dl = DataLoader(_toy(), batch_size=16)
+    learn = Learner(_model(), DataLoaders(dl, dl), bce, device="cpu", progress=True)
+    learn.fit(1)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "0/6" in err and "epoch=0  train_loss=" in err
