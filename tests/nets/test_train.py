@@ -161,17 +161,17 @@ class Crash(Callback):
 
 
 def test_resume_continues_identically(tmp_path):
-    straight = _learner([EarlyStopping(patience=10)], seed=3)
+    straight = _learner([EarlyStopping(patience=10, min_delta=10.0)], seed=3)
     straight.fit_one_cycle(4, 0.05)
 
     ck = tmp_path / "ck.pt"
-    first = _learner([Checkpoint(ck), Crash(1), EarlyStopping(patience=10)], seed=3)
+    first = _learner([Checkpoint(ck), Crash(1), EarlyStopping(patience=10, min_delta=10.0)], seed=3)
     with pytest.raises(KeyboardInterrupt):
         first.fit_one_cycle(4, 0.05)
     state = torch.load(ck, weights_only=True)
     assert state["epoch"] == 1 and len(state["cbs"]["recorder"]["values"]) == 2
 
-    resumed = _learner([Checkpoint(ck, resume=True), EarlyStopping(patience=10)], seed=99)
+    resumed = _learner([Checkpoint(ck, resume=True), EarlyStopping(patience=10, min_delta=10.0)], seed=99)
     resumed.fit_one_cycle(4, 0.05)
     assert [v["epoch"] for v in resumed.recorder.values] == [0, 1, 2, 3]
     assert resumed.recorder.losses == straight.recorder.losses
@@ -180,7 +180,9 @@ def test_resume_continues_identically(tmp_path):
     sa, sb = resumed.model.state_dict(), straight.model.state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    assert resumed.early_stopping.best == straight.early_stopping.best
+    # early stopping's memory (best of epoch 0, 3 epochs without improvement) survived the restart
+    assert resumed.early_stopping.state_dict() == straight.early_stopping.state_dict()
+    assert straight.early_stopping.state_dict()["wait"] == 3
 
 
 def test_checkpoint_rejects_foreign_file(tmp_path):
