@@ -1,22 +1,39 @@
 """Resampling: bring a scan to isotropic spacing, or a mask onto another scan's grid.
 
 Both functions work in world coordinates (LPS mm, see :mod:`stages.volume`), so a world
-point shows the same anatomy before and after.  They run on torch, on the GPU when one is
-present (``device=None``) or on the CPU; the two give the same numbers (labels exactly,
-CT to within 1 HU from float32 rounding).
+point shows the same anatomy before and after.  Two backends give the same numbers
+(labels exactly, CT to within 1 HU from float32 rounding):
 
-Two code paths, chosen from the geometry, not from the device:
+* **SimpleITK** (``method="sitk"``, the default on the CPU) -- ``sitk.Resample`` with a
+  linear or nearest-neighbour interpolator on the output grid, multi-threaded, computing
+  in float32 (float64 for float64 input); integer results are then rounded half to even
+  and clipped to the dtype, as the torch backend does.  Nearest neighbour on an
+  axis-aligned grid (labels in :func:`resample`, masks mapped back by
+  :func:`resample_like`) is instead a plain numpy gather with the torch backend's indices,
+  which is tens of times faster than ``sitkNearestNeighbor``.  On 2 cores this backend
+  is 2-3 times faster than the torch one on the CPU.
+* **torch** (``method="torch"``, the default when ``device`` is a CUDA GPU, and available
+  on the CPU so that the GPU code is tested everywhere).  Two code paths, chosen from the
+  geometry:
 
-* **separable** -- when every output axis maps onto a single input axis (same direction,
-  any spacing/origin), as in :func:`resample` and in most :func:`resample_like` calls:
-  1-D linear (or nearest) interpolation along y, then x (on the input slices), then z.  Exact for data that is
-  linear in world coordinates.
-* **general** -- any other direction: ``torch.nn.functional.grid_sample`` with
-  ``align_corners=True`` (trilinear or nearest), coordinates computed in float64 and cast.
+  - *separable* -- when every output axis maps onto a single input axis (same direction,
+    any spacing/origin), as in :func:`resample` and in most :func:`resample_like` calls:
+    1-D linear (or nearest) interpolation along one axis at a time, the axis that shrinks
+    most first (usually y, then x on the input slices, then z).  Exact for data that is
+    linear in world coordinates.
+  - *general* -- any other direction: ``torch.nn.functional.grid_sample`` with
+    ``align_corners=True`` (trilinear or nearest), coordinates computed in float64 and cast.
 
-The output is built in slabs of output slices so that a 512x512x300 scan needs a few
-hundred MB at most, not several GB; only the input slices a slab needs are moved to the
-device.
+  The output is built in slabs of output slices so that a 512x512x300 scan needs a few
+  hundred MB at most, not several GB; only the input slices a slab needs are moved to the
+  device.
+
+Both use ITK's edge rule: an output voxel whose centre lies within half a voxel outside
+the input's edge voxel centres takes the edge value; further out it takes the fill value.
+Nearest neighbour rounds half up (``floor(p + 0.5)``) in both; at an exact half-voxel tie
+the two may still pick different neighbours when float error in the world coordinates
+tips the tie one way (not the case for the grids :func:`resample` makes from usual CT
+spacings, nor for mapping a mask back onto a grid whose centres it contains).
 """
 from __future__ import annotations
 
@@ -41,6 +58,8 @@ SLAB_ELEMENTS = 1 << 24
 _HALF = 0.5
 
 _ORDERS = (0, 1)
+#: Backends: "auto" = torch on a CUDA device, SimpleITK on the CPU.
+METHODS = ("auto", "sitk", "torch")
 
 
 # --------------------------------------------------------------------------- checks
@@ -90,6 +109,25 @@ def _pick_device(device):
     return dev
 
 
+def _pick_backend(method, device):
+    """``("sitk", None)`` or ``("torch", torch.device)`` from the ``method``/``device`` arguments."""
+    if method is None:
+        method = "auto"
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} ('auto': torch on a CUDA GPU, "
+                         f"SimpleITK on the CPU), got {method!r}")
+    dev = _pick_device(device)  # checks the device argument whatever the method
+    if method == "sitk":
+        auto_device = device is None or (isinstance(device, str) and device == "auto")
+        if dev.type != "cpu" and not auto_device:
+            raise ValueError(f"method='sitk' runs on the CPU, but device={device!r} was asked for; "
+                             "use method='torch' (or 'auto') for the GPU, or device='cpu'")
+        return "sitk", None
+    if method == "auto" and dev.type == "cpu":
+        return "sitk", None
+    return "torch", dev
+
+
 def resampled_shape(shape_zyx, spacing_in_mm, spacing_out_mm) -> tuple[int, int, int]:
     """Output shape of :func:`resample`: ``floor((n - 1) * s_in / s_out) + 1`` per axis.
 
@@ -109,7 +147,7 @@ def resampled_shape(shape_zyx, spacing_in_mm, spacing_out_mm) -> tuple[int, int,
 
 # --------------------------------------------------------------------------- public
 def resample(vol: Volume, spacing_mm=(1.0, 1.0, 1.0), *, order: int = 1, device=None,
-             fill_hu: float = AIR_HU) -> Volume:
+             method: str = "auto", fill_hu: float = AIR_HU) -> Volume:
     """Resample a volume to new (by default isotropic 1 mm) voxel spacing.
 
     The output keeps the input's direction and origin: voxel ``(0, 0, 0)`` has the same
@@ -131,6 +169,11 @@ def resample(vol: Volume, spacing_mm=(1.0, 1.0, 1.0), *, order: int = 1, device=
     device : None, str or torch.device
         ``None`` (or ``"auto"``): CUDA when torch sees a GPU, else CPU.  ``"cpu"`` forces
         the CPU.
+    method : {"auto", "sitk", "torch"}
+        Backend.  ``"auto"``: torch on a CUDA device, SimpleITK (multi-threaded, faster)
+        on the CPU.  ``"sitk"`` always uses SimpleITK (CPU; an explicit CUDA ``device`` is
+        an error); ``"torch"`` uses torch on ``device`` (to test or time the GPU code on
+        the CPU).  Both give the same result: labels identical, CT within 1 HU.
     fill_hu : float
         Value for output voxels whose centre falls outside the input.  With the grid
         chosen here there are none (it is a safeguard, and the value :func:`resample_like`
@@ -148,7 +191,8 @@ def resample(vol: Volume, spacing_mm=(1.0, 1.0, 1.0), *, order: int = 1, device=
         If ``vol`` is not a Volume or its dtype is not numeric.
     ValueError
         If ``spacing_mm`` is not 1 or 3 finite positive numbers, ``order`` is not 0 or 1,
-        the device is not available, or the output would exceed ``MAX_VOXELS``.
+        ``method`` is unknown, the device is not available (or is a GPU with
+        ``method="sitk"``), or the output would exceed ``MAX_VOXELS``.
 
     Examples
     --------
@@ -159,26 +203,28 @@ def resample(vol: Volume, spacing_mm=(1.0, 1.0, 1.0), *, order: int = 1, device=
     ((5, 1, 1), [0.0, 5.0, 10.0, 15.0, 20.0])
     >>> out.origin_mm
     (-5.0, 0.0, 0.0)
+    >>> resample(vol, 1.0, method="torch", device="cpu").array.ravel().tolist()
+    [0.0, 5.0, 10.0, 15.0, 20.0]
     """
     _check_volume("vol", vol)
     spacing = _check_spacing(spacing_mm)
     order = _check_order(order)
     if not math.isfinite(float(fill_hu)):
         raise ValueError(f"fill_hu must be a finite number, got {fill_hu!r}")
-    dev = _pick_device(device)
+    backend, dev = _pick_backend(method, device)
     shape = resampled_shape(vol.shape, vol.spacing_mm, spacing)
     _check_size(shape)
     # the target grid; a zero-stride array, so it costs no memory
     ref = Volume(np.broadcast_to(np.zeros((), np.uint8), shape), spacing_mm=spacing,
                  origin_mm=vol.origin_mm, direction=vol.direction, scan_id=vol.scan_id)
     fill = LABEL_FILL if order == 0 else fill_hu
-    array = _resample_onto(vol, ref, order=order, dev=dev, fill=fill)
+    array = _resample_onto(vol, ref, order=order, backend=backend, dev=dev, fill=fill)
     return Volume(array, spacing_mm=spacing, origin_mm=vol.origin_mm, direction=vol.direction,
                   scan_id=vol.scan_id, meta=dict(vol.meta))
 
 
 def resample_like(vol: Volume, reference: Volume, *, order: int = 0, device=None,
-                  fill_value: float | None = None) -> Volume:
+                  method: str = "auto", fill_value: float | None = None) -> Volume:
     """Resample ``vol`` onto ``reference``'s grid (shape, spacing, origin, direction).
 
     Used to bring a mask computed on a resampled scan back to the original scan.  Each
@@ -194,6 +240,8 @@ def resample_like(vol: Volume, reference: Volume, *, order: int = 0, device=None
     order : {0, 1}
         0: nearest neighbour (default, labels); 1: linear.
     device : None, str or torch.device
+        As in :func:`resample`.
+    method : {"auto", "sitk", "torch"}
         As in :func:`resample`.
     fill_value : float, optional
         Value for output voxels whose centre lies outside ``vol``'s voxels (more than half
@@ -211,7 +259,7 @@ def resample_like(vol: Volume, reference: Volume, *, order: int = 0, device=None
     TypeError
         If either argument is not a Volume.
     ValueError
-        If ``order`` is not 0 or 1, or the device is not available.
+        If ``order`` is not 0 or 1, ``method`` is unknown, or the device is not available.
 
     Examples
     --------
@@ -228,9 +276,9 @@ def resample_like(vol: Volume, reference: Volume, *, order: int = 0, device=None
         fill_value = LABEL_FILL if order == 0 else AIR_HU
     if not math.isfinite(float(fill_value)):
         raise ValueError(f"fill_value must be a finite number, got {fill_value!r}")
-    dev = _pick_device(device)
+    backend, dev = _pick_backend(method, device)
     _check_size(reference.shape)
-    array = _resample_onto(vol, reference, order=order, dev=dev, fill=fill_value)
+    array = _resample_onto(vol, reference, order=order, backend=backend, dev=dev, fill=fill_value)
     return Volume(array, spacing_mm=reference.spacing_mm, origin_mm=reference.origin_mm,
                   direction=reference.direction, scan_id=vol.scan_id, meta=dict(vol.meta))
 
@@ -293,21 +341,105 @@ def _fill_for(dtype: np.dtype, fill: float):
     return fill
 
 
-def _resample_onto(vol: Volume, ref: Volume, *, order: int, dev, fill) -> np.ndarray:
-    a, b = _index_map(vol, ref)
-    out = np.empty(ref.shape, dtype=vol.array.dtype)
-    fill = _fill_for(out.dtype, fill)
+def _resample_onto(vol: Volume, ref: Volume, *, order: int, backend: str, dev, fill) -> np.ndarray:
+    dtype = vol.array.dtype
+    fill = _fill_for(dtype, fill)
     if 0 in vol.shape or 0 in ref.shape:
-        out[...] = fill
-        return out
+        return np.full(ref.shape, fill, dtype=dtype)
+    a, b = _index_map(vol, ref)
     off = a - np.diag(np.diag(a))
-    if np.all(np.abs(off) * np.asarray(ref.shape)[None, :] < 1e-6):
+    separable = bool(np.all(np.abs(off) * np.asarray(ref.shape)[None, :] < 1e-6))
+    if backend == "sitk":
+        if order == 0 and separable:
+            return _gather_nearest(vol.array, np.diag(a).copy(), b, ref.shape, fill)
+        return _sitk_onto(vol, ref, order=order, fill=fill)
+    out = np.empty(ref.shape, dtype=dtype)
+    if separable:
         _separable(vol.array, np.diag(a).copy(), b, out, order=order, dev=dev, fill=fill)
     else:
         _general(vol.array, a, b, out, order=order, dev=dev, fill=fill)
     return out
 
 
+# --------------------------------------------------------------------------- SimpleITK
+#: numpy dtypes SimpleITK images hold as they are (nearest neighbour copies their values).
+_SITK_DTYPES = {np.dtype(d) for d in (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32,
+                                      np.uint64, np.int64, np.float32, np.float64)}
+
+
+def _sitk_onto(vol: Volume, ref: Volume, *, order: int, fill) -> np.ndarray:
+    """``sitk.Resample`` of ``vol`` onto ``ref``'s grid, in ``vol``'s dtype.
+
+    Linear: computed in float32 (float64 for float64 input) and rounded/clipped like the
+    torch backend.  Nearest: computed in the input's own pixel type, so values are copied
+    exactly (bool goes through uint8, float16 through float32).
+    """
+    import SimpleITK as sitk
+
+    dtype = vol.array.dtype
+    src = vol.array
+    if dtype.kind == "b":
+        src = src.astype(np.uint8)
+    elif dtype not in _SITK_DTYPES:  # float16, long double
+        src = src.astype(np.float64 if dtype.itemsize > 8 else np.float32)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(src))  # copies
+    spacing, origin, direction = vol.sitk_geometry()
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    if order == 1:
+        interp = sitk.sitkLinear
+        work = sitk.sitkFloat64 if src.dtype == np.float64 else sitk.sitkFloat32
+    else:
+        interp = sitk.sitkNearestNeighbor
+        work = img.GetPixelID()
+    r_spacing, r_origin, r_direction = ref.sitk_geometry()
+    size = [int(n) for n in ref.shape[::-1]]
+    res = sitk.Resample(img, size, sitk.Transform(), interp, r_origin, r_spacing, r_direction,
+                        float(fill), work)
+    del img, src
+    if order == 0 and dtype in _SITK_DTYPES:
+        return sitk.GetArrayFromImage(res)
+    view = sitk.GetArrayViewFromImage(res)  # valid while `res` lives
+    out = np.empty(ref.shape, dtype=dtype)
+    plane = max(1, ref.shape[1] * ref.shape[2])
+    step = max(1, SLAB_ELEMENTS // plane)  # bounds the float temporaries
+    for z0 in range(0, ref.shape[0], step):
+        part = view[z0:z0 + step]
+        if dtype.kind in "iu" and order == 1:
+            info = np.iinfo(dtype)
+            part = np.rint(part)  # half to even, as torch.round
+            np.clip(part, info.min, info.max, out=part)
+        elif dtype.kind == "b":
+            part = part >= 0.5
+        out[z0:z0 + step] = part
+    return out
+
+
+def _gather_nearest(src: np.ndarray, scale, shift, shape, fill) -> np.ndarray:
+    """Nearest neighbour on an axis-aligned grid: one integer gather per axis (numpy).
+
+    The same indices as the torch separable path (``floor(p + 0.5)``), so the same labels;
+    about 100 times faster than ``sitkNearestNeighbor`` on lung1's 512x512x48 mask
+    (3 ms against 0.35 s on 2 cores).
+    """
+    idx, inside = [], []
+    for ax in range(3):
+        p, ins = _axis_positions(shape[ax], src.shape[ax], scale[ax], shift[ax])
+        idx.append(np.floor(p + 0.5).astype(np.intp))
+        inside.append(ins)
+    out = src
+    # the axis that shrinks most first keeps the intermediates small
+    for ax in sorted(range(3), key=lambda k: shape[k] / src.shape[k]):
+        out = out.take(idx[ax], axis=ax)
+    out = np.ascontiguousarray(out)
+    out[~inside[0]] = fill
+    out[:, ~inside[1]] = fill
+    out[:, :, ~inside[2]] = fill
+    return out
+
+
+# --------------------------------------------------------------------------- torch
 def _axis_positions(n_out: int, n_in: int, scale: float, shift: float):
     """float64 input positions of ``n_out`` output voxels and which of them are inside."""
     p = shift + scale * np.arange(n_out, dtype=np.float64)
@@ -377,10 +509,13 @@ def _separable(src: np.ndarray, scale, shift, out: np.ndarray, *, order, dev, fi
         if chunk.dtype.kind == "u" and chunk.dtype.itemsize > 1 and order == 0:
             chunk = chunk.astype(np.int64)
         x = torch.from_numpy(chunk).to(device=dev, dtype=move_dtype)
-        # in-plane first, on the (usually fewer) input slices, then along z
-        x = _interp_axis(x, 1, np.clip(py, ylo, yhi - 1), ylo, order)
-        x = _interp_axis(x, 2, np.clip(px, xlo, xhi - 1), xlo, order)
-        x = _interp_axis(x, 0, np.clip(pzs, zlo, zhi - 1), zlo, order)
+        # the axis that shrinks most first (usually in-plane, on the fewer input slices,
+        # then z; z first when mapping a fine scan back onto thick slices)
+        steps = {1: (py, ylo, yhi), 2: (px, xlo, xhi), 0: (pzs, zlo, zhi)}
+        # (input voxels per output voxel, not slab sizes: every slab takes the same order)
+        for ax in sorted(steps, key=lambda k: (-abs(scale[k]), (1, 2, 0).index(k))):
+            p, lo, hi = steps[ax]
+            x = _interp_axis(x, ax, np.clip(p, lo, hi - 1), lo, order)
         _store(x, out[z0:z1])
         if not (zin.all() and yx_inside.all()):
             out[z0:z1][~(zin[:, None, None] & yx_inside[None])] = fill
