@@ -19,7 +19,8 @@ How :func:`segment_lungs` works (all on the whole volume with :mod:`scipy.ndimag
    line) is split by eroding it (distance transform) until it falls in two, then giving
    every voxel the label of the nearest core.  If nothing splits, the scan holds one lung.
    Labels go by world x (LPS: +x is the patient's left): the lung at lower x is the right.
-5. **Holes**: vessels, airway walls and nodules inside the lung are filled slice by slice.
+5. **Holes**: vessels, airway walls and nodules inside the lung are filled slice by slice,
+   up to ``max_hole_area_mm2`` (the dome of the diaphragm, ringed by lung, is no hole).
 6. **Border**: a closing with a ball of ``closing_radius_mm`` (on a coarse grid of
    ``work_spacing_mm``, through distance transforms) fills dents in the lung surface;
    of what it adds, only connected pieces smaller than ``max_fill_ml`` are kept, so a
@@ -62,6 +63,9 @@ AIRWAY_MIN_AREA_MM2 = 50.0
 AIRWAY_MAX_OFFSET_MM = 35.0
 #: The trachea seed is looked for within this distance (mm) of the top of the interior air.
 AIRWAY_SEARCH_MM = 30.0
+#: Holes in a lung's slice bigger than this (mm^2, a 40 mm disc) are not filled: near the
+#: base the lung rings the dome of the diaphragm, which is no hole.
+MAX_HOLE_AREA_MM2 = 1250.0
 #: Largest erosion (mm) tried when splitting two joined lungs.
 MAX_SPLIT_EROSION_MM = 12.0
 #: Radius of the rolling ball (mm) used to close dents in the lung surface.
@@ -90,12 +94,14 @@ def _border_labels(labels: np.ndarray) -> np.ndarray:
     return ids[ids > 0]
 
 
-def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
-    """Fill holes slice by slice (axial): background not reaching the slice border."""
+def _fill_holes_2d(mask: np.ndarray, max_area_px: float) -> np.ndarray:
+    """Fill holes slice by slice (axial): background not reaching the slice border and
+    at most ``max_area_px`` pixels (so the dome of the diaphragm, ringed by lung near the
+    base, stays out)."""
     lab, n = ndi.label(~mask, structure=_INPLANE)
     if n == 0:
         return mask.copy()
-    keep_bg = np.zeros(n + 1, bool)
+    keep_bg = np.bincount(lab.ravel(), minlength=n + 1) > max_area_px
     keep_bg[_border_labels(lab)] = True
     return mask | ~keep_bg[lab]
 
@@ -262,6 +268,7 @@ def segment_lungs(vol: Volume, *, air_threshold_hu: float = AIR_THRESHOLD_HU,
                   airway_min_area_mm2: float = AIRWAY_MIN_AREA_MM2,
                   airway_max_offset_mm: float = AIRWAY_MAX_OFFSET_MM,
                   max_split_erosion_mm: float = MAX_SPLIT_EROSION_MM,
+                  max_hole_area_mm2: float = MAX_HOLE_AREA_MM2,
                   closing_radius_mm: float = CLOSING_RADIUS_MM, max_fill_ml: float = MAX_FILL_ML,
                   work_spacing_mm: float = WORK_SPACING_MM) -> Volume:
     """Label the lungs of a CT volume in Hounsfield units: 0 outside, 1 right lung, 2 left lung.
@@ -284,6 +291,9 @@ def segment_lungs(vol: Volume, *, air_threshold_hu: float = AIR_THRESHOLD_HU,
         The trachea seed lies within this distance (mm, along x) of the body's mid-line.
     max_split_erosion_mm : float
         Deepest erosion (mm) tried when splitting joined lungs.
+    max_hole_area_mm2 : float
+        Holes of a lung's axial slice up to this area (mm^2) are filled (vessels, nodules);
+        bigger ones (the diaphragm's dome ringed by lung) are not.
     closing_radius_mm : float
         Radius (mm) of the ball closing dents of the lung surface (juxta-pleural nodules).
         0 turns the border refinement off.
@@ -318,6 +328,7 @@ def segment_lungs(vol: Volume, *, air_threshold_hu: float = AIR_THRESHOLD_HU,
                         ("airway_min_area_mm2", airway_min_area_mm2),
                         ("airway_max_offset_mm", airway_max_offset_mm),
                         ("max_split_erosion_mm", max_split_erosion_mm),
+                        ("max_hole_area_mm2", max_hole_area_mm2),
                         ("closing_radius_mm", closing_radius_mm), ("max_fill_ml", max_fill_ml)):
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -407,7 +418,7 @@ def segment_lungs(vol: Volume, *, air_threshold_hu: float = AIR_THRESHOLD_HU,
     for lab in (RIGHT_LUNG, LEFT_LUNG):
         m = labels == lab
         if m.any():
-            filled = _fill_holes_2d(m)
+            filled = _fill_holes_2d(m, max_hole_area_mm2 / (spacing[1] * spacing[2]))
             labels[filled & (labels == 0)] = lab
 
     # 6. dents of the border (juxta-pleural nodules)
