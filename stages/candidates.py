@@ -22,8 +22,9 @@ How :func:`find_candidates` works
    ``min_sphericity`` (drops vessel pieces) and at least ``min_voxels`` points.
 5. **Score**: ``sphericity * si_term * size_term`` with ``si_term`` the mean shape index
    rescaled from [0.75 (tube), 1 (cap)] to [0, 1] and ``size_term = 1 - exp(-volume /
-   ref_volume_mm3)`` (vessel branchings are small).  The best ``max_candidates`` are kept,
-   best first.
+   ref_volume_mm3)`` (vessel branchings are small).  A candidate whose centre lies within
+   a better one's radius is dropped (one blob, one candidate); the best ``max_candidates``
+   are kept, best first.
 """
 from __future__ import annotations
 
@@ -264,7 +265,14 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     if not rows:
         return _empty(vol.scan_id)
     rows.sort(key=lambda r: -r[2])
-    rows = rows[:max_candidates]
+    # one blob, one candidate: drop a candidate whose centre lies inside a better one
+    kept = []
+    for r in rows:
+        if all(np.linalg.norm(r[0] - k[0]) > k[1] / 2 for k in kept):
+            kept.append(r)
+        if len(kept) == max_candidates:
+            break
+    rows = kept
     centres = np.array([r[0] for r in rows])
     centre_idx = vol.world_to_index(centres)
     df = pd.DataFrame({

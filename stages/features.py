@@ -32,8 +32,9 @@ from stages.volume import Volume
 __all__ = ["shape_index", "extract_features", "hessian_eigenvalues", "HU_FLOOR",
            "SIGMA_MM", "SCALE_MM", "SCALE_HU", "SCALE_SI", "FEATURE_NAMES"]
 
-#: Voxels at or below this many HU are lung parenchyma, not structure: not features.
-HU_FLOOR = -600.0
+#: Voxels at or below this many HU are lung parenchyma (about -850), not structure: not
+#: features.  Ground-glass nodules are about -600 HU, so the floor sits below them.
+HU_FLOOR = -700.0
 #: Gaussian smoothing (mm) before second derivatives; about the radius of a 3 mm nodule.
 SIGMA_MM = 1.5
 #: Feature scales: a difference of one scale unit in any feature counts as much as one

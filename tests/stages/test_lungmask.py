@@ -1,0 +1,174 @@
+import numpy as np
+import pytest
+
+from stages.lungmask import LEFT_LUNG, RIGHT_LUNG, lung_volume_ml, segment_lungs
+from stages.volume import Volume
+
+SOFT_HU, LUNG_HU, AIR_HU = 40, -850, -1000
+
+
+def _chest(shape=(60, 100, 140), *, lungs=("right", "left"), body_to_edge=False,
+           spacing=(2.0, 2.0, 2.0), nodule_mm=None, bridge=False, trachea=False):
+    """A body ellipse (or a body filling the image width) with ellipsoid lungs, in HU."""
+    z, y, x = np.indices(shape, dtype=np.float64)
+    cz, cy, cx = (np.asarray(shape) - 1) / 2
+    arr = np.full(shape, AIR_HU, np.int16)
+    if body_to_edge:
+        arr[:, 10:-10, :] = SOFT_HU
+    else:
+        arr[((y - cy) / (0.42 * shape[1])) ** 2 + ((x - cx) / (0.46 * shape[2])) ** 2 <= 1] = SOFT_HU
+    centres = {"right": cx - 0.22 * shape[2], "left": cx + 0.22 * shape[2]}
+    for side in lungs:
+        inside = (((z - cz) / (0.4 * shape[0])) ** 2 + ((y - cy) / (0.3 * shape[1])) ** 2
+                  + ((x - centres[side]) / (0.17 * shape[2])) ** 2) <= 1
+        arr[inside] = LUNG_HU
+    if bridge:  # lungs joined by a thin band of lung (anterior junction line)
+        arr[int(cz) - 8:int(cz) + 8, int(cy) - 2:int(cy) + 2, int(centres["right"]):int(centres["left"])] = LUNG_HU
+    if trachea:  # a tube from the top down to the carina, bronchi into both lungs
+        r2 = (y - cy) ** 2 + (x - cx) ** 2
+        arr[(r2 <= 9) & (z >= cz + 5)] = AIR_HU
+        for side in ("right", "left"):
+            t = np.linspace(0, 1, 60)
+            for zz, xx in zip(cz + 5 - 6 * t, cx + (centres[side] - cx) * 0.8 * t):
+                arr[((z - zz) ** 2 + (y - cy) ** 2 + (x - xx) ** 2) <= 4] = AIR_HU
+    if nodule_mm is not None:  # a solid nodule on the lateral wall of the right lung
+        wall_x = centres["right"] - 0.17 * shape[2]
+        r = nodule_mm / 2 / spacing[2]
+        ball = ((z - cz) ** 2 + (y - cy) ** 2 + (x - (wall_x + 0.3 * r)) ** 2) <= r * r
+        arr[ball] = SOFT_HU
+        return Volume(arr, spacing_mm=spacing), ball
+    return Volume(arr, spacing_mm=spacing)
+
+
+def test_two_lungs_labelled_by_world_x():
+    vol = _chest()
+    mask = segment_lungs(vol)
+    assert mask.array.dtype == np.uint8 and mask.shape == vol.shape
+    assert mask.same_geometry(vol)
+    lab = mask.array
+    cx = vol.shape[2] // 2
+    assert np.all(lab[:, :, :cx][lab[:, :, :cx] > 0] == RIGHT_LUNG)  # low x: patient's right
+    assert np.all(lab[:, :, cx:][lab[:, :, cx:] > 0] == LEFT_LUNG)
+    truth = vol.array == LUNG_HU
+    dice = 2 * np.sum((lab > 0) & truth) / (np.sum(lab > 0) + truth.sum())
+    assert dice > 0.97
+
+
+def test_labels_follow_world_x_when_the_x_axis_is_flipped():
+    vol = _chest()
+    flipped = Volume(vol.array, spacing_mm=vol.spacing_mm, direction=np.diag([1.0, 1.0, -1.0]))
+    lab = segment_lungs(flipped).array
+    cx = vol.shape[2] // 2
+    # array column 0 is now at the highest world x: the patient's left
+    assert np.all(lab[:, :, :cx][lab[:, :, :cx] > 0] == LEFT_LUNG)
+    assert np.all(lab[:, :, cx:][lab[:, :, cx:] > 0] == RIGHT_LUNG)
+
+
+@pytest.mark.parametrize("side,label", [("left", LEFT_LUNG), ("right", RIGHT_LUNG)])
+def test_single_lung(side, label):
+    vol = _chest(lungs=(side,))
+    lab = segment_lungs(vol).array
+    assert set(np.unique(lab).tolist()) == {0, label}
+    truth = vol.array == LUNG_HU
+    assert np.sum((lab > 0) & truth) / truth.sum() > 0.97
+
+
+def test_body_touching_the_image_edge_keeps_the_lungs():
+    vol = _chest(body_to_edge=True)
+    lab = segment_lungs(vol).array
+    truth = vol.array == LUNG_HU
+    assert set(np.unique(lab).tolist()) == {0, 1, 2}
+    assert np.sum((lab > 0) & truth) / truth.sum() > 0.97
+    outside_air = (vol.array == AIR_HU) & ~truth
+    assert not np.any(lab[outside_air])
+
+
+def test_joined_lungs_are_split():
+    vol = _chest(bridge=True)
+    lab = segment_lungs(vol).array
+    cx = vol.shape[2] // 2
+    assert np.sum(lab == RIGHT_LUNG) > 0 and np.sum(lab == LEFT_LUNG) > 0
+    right, left = lab == RIGHT_LUNG, lab == LEFT_LUNG
+    xs = np.arange(vol.shape[2])
+    assert xs[right.any(axis=(0, 1))].mean() < cx < xs[left.any(axis=(0, 1))].mean()
+    # the two halves are about the same size (the bridge is split, not given to one side)
+    assert 0.8 < right.sum() / left.sum() < 1.25
+
+
+def test_trachea_and_main_bronchi_are_not_lung():
+    vol = _chest(trachea=True, shape=(60, 100, 140))
+    lab = segment_lungs(vol).array
+    z, y, x = np.indices(vol.shape)
+    cz, cy, cx = (np.asarray(vol.shape) - 1) / 2
+    trachea = ((y - cy) ** 2 + (x - cx) ** 2 <= 9) & (z >= cz + 8)
+    assert not np.any(lab[trachea])
+    assert {1, 2} <= set(np.unique(lab).tolist())
+
+
+def test_juxta_pleural_nodule_stays_inside_the_mask():
+    vol, ball = _chest(nodule_mm=14.0, spacing=(1.5, 1.5, 1.5), shape=(70, 110, 150))
+    inside_lung_side = ball & (np.indices(vol.shape)[2] >= ball.nonzero()[2].mean())
+    with_closing = segment_lungs(vol).array
+    without = segment_lungs(vol, closing_radius_mm=0).array
+    assert (without[inside_lung_side] > 0).mean() < 0.5  # the closing is what keeps it
+    assert (with_closing[inside_lung_side] == RIGHT_LUNG).mean() > 0.9
+
+
+def test_no_lung_gives_an_empty_mask():
+    vol = Volume(np.full((20, 30, 30), SOFT_HU, np.int16), spacing_mm=(2, 2, 2))
+    assert not segment_lungs(vol).array.any()
+
+
+def test_phantom_matches_truth():
+    from pipeline.phantom import make_phantom
+
+    vol, _, truth = make_phantom((56, 96, 96), (4.0, 2.5, 2.5), seed=3, n_nodules=2,
+                                 return_truth=True)
+    lab = segment_lungs(vol).array
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        a, b = lab == side, truth["lung_mask"] == side
+        assert 2 * np.sum(a & b) / (a.sum() + b.sum()) > 0.95, side
+
+
+def test_lung1_mask_volume_and_nodule(lung1):
+    import SimpleITK as sitk
+    from stages.resample import resample, resample_like
+
+    def read(path):
+        img = sitk.ReadImage(str(path))
+        return Volume.from_sitk_geometry(sitk.GetArrayFromImage(img), img.GetSpacing(),
+                                         img.GetOrigin(), img.GetDirection())
+
+    image, label = read(lung1[0]), read(lung1[1])
+    vol = resample(image, (1.0, 1.0, 1.0), device="cpu")
+    nodule = resample_like(label, vol, order=0, device="cpu").array > 0
+    mask = segment_lungs(vol)
+    ml = lung_volume_ml(mask)
+    assert 2000 < ml["total_ml"] < 8000
+    assert ml["right_ml"] > 500 and ml["left_ml"] > 500
+    assert nodule.sum() > 100
+    assert (mask.array[nodule] > 0).mean() >= 0.95
+    # the nodule lies at world x < 0 of the mid-line: the patient's right lung
+    assert np.bincount(mask.array[nodule], minlength=3).argmax() == RIGHT_LUNG
+
+
+def test_lung_volume_ml():
+    m = np.zeros((10, 10, 10), np.uint8)
+    m[:2] = RIGHT_LUNG
+    m[2:3] = LEFT_LUNG
+    out = lung_volume_ml(Volume(m, spacing_mm=(1.0, 2.0, 5.0)))
+    assert out == {"right_ml": 2.0, "left_ml": 1.0, "total_ml": 3.0}
+    with pytest.raises(TypeError, match="integer labels"):
+        lung_volume_ml(Volume(m.astype(np.float32), spacing_mm=(1, 1, 1)))
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="Volume"):
+        segment_lungs(np.zeros((4, 4, 4)))
+    vol = Volume(np.zeros((4, 4, 4), np.int16), spacing_mm=(1, 1, 1))
+    with pytest.raises(ValueError, match="closing_radius_mm"):
+        segment_lungs(vol, closing_radius_mm=-1)
+    with pytest.raises(ValueError, match="second_lung_ratio"):
+        segment_lungs(vol, second_lung_ratio=2)
+    with pytest.raises(TypeError, match="numbers"):
+        segment_lungs(Volume(np.zeros((4, 4, 4), bool), spacing_mm=(1, 1, 1)))
