@@ -1,0 +1,111 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.candidates import CANDIDATE_COLUMNS, FEATURE_COLUMNS, find_candidates
+from stages.volume import Volume
+
+
+def _lung_with_nodule_and_vessel(direction=np.eye(3)):
+    """Lung parenchyma with a 10 mm nodule and a long 4 mm vessel; all inside the mask."""
+    shape = (50, 60, 70)
+    z, y, x = np.indices(shape, dtype=np.float64)
+    arr = np.full(shape, -850, np.int16)
+    arr[(y - 40) ** 2 + (z - 25) ** 2 <= 4] = 40  # vessel along x through the whole lung
+    arr[(z - 20) ** 2 + (y - 18) ** 2 + (x - 45) ** 2 <= 25] = 30  # nodule
+    vol = Volume(arr, spacing_mm=(1, 1, 1), origin_mm=(-200.0, 30.0, -80.0), direction=direction,
+                 scan_id="synthetic")
+    return vol, vol.with_array(np.ones(shape, np.uint8)), vol.index_to_world([20, 18, 45])
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([1.0, -1.0, -1.0])])
+def test_nodule_found_vessel_not(direction):
+    vol, mask, nod_zyx = _lung_with_nodule_and_vessel(direction)
+    cands = find_candidates(vol, mask, device="cpu")
+    assert list(cands.columns) == CANDIDATE_COLUMNS + FEATURE_COLUMNS
+    assert (cands["seriesuid"] == "synthetic").all()
+    assert cands["score"].is_monotonic_decreasing
+    best = cands.iloc[0]
+    xyz = best[["coordX", "coordY", "coordZ"]].to_numpy(float)
+    assert np.linalg.norm(xyz - nod_zyx[::-1]) < 1.5  # world LPS, LUNA16 order
+    assert 8.0 < best["diameter_mm"] < 13.0
+    assert best["sphericity"] > 0.8 and best["shape_index"] > 0.85
+    assert best["volume_mm3"] == best["n_voxels"] * 1.0
+    # nothing scored on the vessel's middle (its straight part is a ridge, not a cap)
+    world = cands[["coordZ", "coordY", "coordX"]].to_numpy(float)
+    idx = vol.world_to_index(world)
+    on_vessel = (np.abs(idx[:, 0] - 25) < 4) & (np.abs(idx[:, 1] - 40) < 4) & \
+                (idx[:, 2] > 10) & (idx[:, 2] < 60)
+    assert not on_vessel.any()
+
+
+def test_kmeans_finds_the_nodule_too():
+    vol, mask, nod_zyx = _lung_with_nodule_and_vessel()
+    cands = find_candidates(vol, mask, method="kmeans", device="cpu", seed=1)
+    d = np.linalg.norm(cands[["coordX", "coordY", "coordZ"]].to_numpy(float) - nod_zyx[::-1], axis=1)
+    assert d[0] < 2.0
+
+
+def test_rules_and_limits():
+    vol, mask, _ = _lung_with_nodule_and_vessel()
+    assert find_candidates(vol, mask, device="cpu", min_diameter_mm=14.0).empty
+    assert len(find_candidates(vol, mask, device="cpu", max_candidates=1)) == 1
+    empty = find_candidates(vol, mask.with_array(np.zeros(vol.shape, np.uint8)), device="cpu")
+    assert list(empty.columns) == CANDIDATE_COLUMNS + FEATURE_COLUMNS and empty.empty
+
+
+def test_dist_to_pleura():
+    vol, mask, _ = _lung_with_nodule_and_vessel()
+    m = mask.array.copy()
+    m[:, :, 52:] = 0  # lung border 7 mm from the nodule centre (x = 45)
+    best = find_candidates(vol, mask.with_array(m), device="cpu").iloc[0]
+    assert best["dist_to_pleura_mm"] == pytest.approx(7.0, abs=1.0)
+
+
+def test_errors():
+    vol, mask, _ = _lung_with_nodule_and_vessel()
+    with pytest.raises(ValueError, match="method"):
+        find_candidates(vol, mask, method="dbscan")
+    with pytest.raises(ValueError, match="bandwidth"):
+        find_candidates(vol, mask, bandwidth=0)
+    with pytest.raises(ValueError, match="max_candidates"):
+        find_candidates(vol, mask, max_candidates=0)
+    with pytest.raises(ValueError, match="geometry"):
+        find_candidates(vol, Volume(mask.array, spacing_mm=(2, 2, 2)))
+    with pytest.raises(TypeError, match="Volume"):
+        find_candidates(vol.array, mask)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_phantom_chain_finds_every_nodule(seed):
+    from pipeline.phantom import make_phantom
+    from stages.lungmask import segment_lungs
+    from stages.resample import resample
+
+    vol, ann = make_phantom((64, 128, 128), (3.0, 1.8, 1.8), seed=seed, n_nodules=4)
+    assert set(ann["kind"]) >= {"juxta-pleural"} and (ann["diameter_mm"] >= 3).all()
+    vol = resample(vol, (1.0, 1.0, 1.0), device="cpu")
+    cands = find_candidates(vol, segment_lungs(vol), device="cpu")
+    assert 0 < len(cands) <= 30
+    xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy(float)
+    for _, nod in ann.iterrows():
+        d = np.linalg.norm(xyz - nod[["coordX", "coordY", "coordZ"]].to_numpy(float), axis=1)
+        assert d.min() <= nod["diameter_mm"] / 2, (nod["kind"], nod["diameter_mm"], d.min())
+
+
+def test_lung1_nodule_in_top_three(lung1):
+    import SimpleITK as sitk
+    from stages.lungmask import segment_lungs
+    from stages.resample import resample
+
+    img = sitk.ReadImage(str(lung1[0]))
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(lung1[1])))
+    vol = Volume.from_sitk_geometry(sitk.GetArrayFromImage(img), img.GetSpacing(), img.GetOrigin(),
+                                    img.GetDirection(), scan_id="lung1")
+    nodule_zyx = vol.index_to_world(np.argwhere(lab > 0).mean(axis=0))
+    vol = resample(vol, (1.0, 1.0, 1.0), device="cpu")
+    cands = find_candidates(vol, segment_lungs(vol), device="cpu")
+    d = np.linalg.norm(cands[["coordX", "coordY", "coordZ"]].to_numpy(float) - nodule_zyx[::-1], axis=1)
+    assert d[:3].min() < 7.0  # radius of the ~14 mm nodule
+    best = cands.iloc[int(np.argmin(d[:3]))]
+    assert 8.0 < best["diameter_mm"] < 25.0
