@@ -83,6 +83,16 @@ def test_body_touching_the_image_edge_keeps_the_lungs():
     assert not np.any(lab[outside_air])
 
 
+def test_scan_cut_through_apex_and_base():
+    full = _chest(shape=(60, 100, 140))
+    cut = Volume(full.array[15:45], spacing_mm=full.spacing_mm)  # lungs reach both z faces
+    lab = segment_lungs(cut).array
+    truth = cut.array == LUNG_HU
+    assert truth[0].any() and truth[-1].any()
+    assert set(np.unique(lab).tolist()) == {0, 1, 2}
+    assert 2 * np.sum((lab > 0) & truth) / (np.sum(lab > 0) + truth.sum()) > 0.97
+
+
 def test_joined_lungs_are_split():
     vol = _chest(bridge=True)
     lab = segment_lungs(vol).array
