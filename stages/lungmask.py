@@ -390,8 +390,8 @@ def segment_lungs(vol: Volume, *, air_threshold_hu: float = AIR_THRESHOLD_HU,
     parts = None
     if order.size > 1 and sizes[order[1]] >= second_lung_ratio * sizes[order[0]]:
         second = lab3 == order[1]
-        x1, i1 = centre_x_world(first)
-        x2, i2 = centre_x_world(second)
+        _, i1 = centre_x_world(first)
+        _, i2 = centre_x_world(second)
         if (i1 - mid_x_index) * (i2 - mid_x_index) < 0:  # opposite sides of the mid-line
             parts = [first, second]
     del lab3
