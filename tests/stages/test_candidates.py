@@ -93,6 +93,36 @@ def test_phantom_chain_finds_every_nodule(seed):
         assert d.min() <= nod["diameter_mm"] / 2, (nod["kind"], nod["diameter_mm"], d.min())
 
 
+def test_phantom_smallest_nodules_are_found():
+    """A 3 mm solid nodule inside the lung and a 5 mm juxta-pleural one on its lateral wall."""
+    from scipy import ndimage as ndi
+
+    from pipeline.phantom import make_phantom
+    from stages.lungmask import segment_lungs
+    from stages.resample import resample
+
+    shape, spacing = (64, 128, 128), (3.0, 1.8, 1.8)
+    vol0, _, truth = make_phantom(shape, spacing, seed=11, n_nodules=0, return_truth=True)
+    lungs = truth["lung_mask"]
+    depth = ndi.distance_transform_edt(lungs == 1, sampling=spacing)
+    clear = ndi.distance_transform_edt(~((vol0.array > -500) & (lungs > 0)), sampling=spacing)
+    deep = np.unravel_index(np.argmax(np.minimum(depth, clear)), shape)  # away from vessels
+    z, y = deep[0], deep[1]
+    wall_x = np.flatnonzero(lungs[z, y] == 1).min()  # lateral wall of the right lung
+    small = vol0.index_to_world(deep)
+    juxta = vol0.index_to_world([z, y, wall_x]) + [0.0, 0.0, 1.0]
+    nodules = [{"centre_zyx_mm": small, "diameter_mm": 3.0, "kind": "solid"},
+               {"centre_zyx_mm": juxta, "diameter_mm": 5.0, "kind": "juxta-pleural"}]
+    vol, ann = make_phantom(shape, spacing, seed=11, nodules=nodules)
+    vol = resample(vol, (1.0, 1.0, 1.0), device="cpu")
+    cands = find_candidates(vol, segment_lungs(vol), device="cpu")
+    assert len(cands) <= 30
+    xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy(float)
+    for _, nod in ann.iterrows():
+        d = np.linalg.norm(xyz - nod[["coordX", "coordY", "coordZ"]].to_numpy(float), axis=1)
+        assert d.min() <= nod["diameter_mm"] / 2, (nod["kind"], d.min())
+
+
 def test_lung1_nodule_in_top_three(lung1):
     import SimpleITK as sitk
     from stages.lungmask import segment_lungs
