@@ -127,7 +127,7 @@ def _exact_per_iter(pts, device, n_probe=2000):
     return sec * len(pts) / len(seeds)
 
 
-def run(points, device, *, sizes=(20_000, 100_000), skip_sklearn=False) -> dict:
+def run(points, device, *, sizes=(20_000, 100_000), skip_sklearn=False, cutoff=3.0) -> dict:
     """Run every comparison on ``points`` (N, 5) and return the record for one device."""
     import torch
     from sklearn.cluster import KMeans, MeanShift
@@ -140,7 +140,7 @@ def run(points, device, *, sizes=(20_000, 100_000), skip_sklearn=False) -> dict:
     rec = {"device": str(dev), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "machine": platform.node(),
            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-           "bandwidth": list(BANDWIDTH), "n_total_points": int(len(points)),
+           "bandwidth": list(BANDWIDTH), "cutoff": cutoff, "n_total_points": int(len(points)),
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": {}}
     mean_shift(points[:500], BANDWIDTH, device=dev)  # warm-up (CUDA context, kernels)
     mean_shift(points[:6000], BANDWIDTH, mode="grid", device=dev)
@@ -149,7 +149,7 @@ def run(points, device, *, sizes=(20_000, 100_000), skip_sklearn=False) -> dict:
         sub = points if n >= len(points) else points[np.sort(rng.choice(len(points), n, replace=False))]
         r = {"n_points": int(n)}
         log.info("%s: %d points", name, n)
-        grid, sec = _timed(mean_shift, sub, BANDWIDTH, mode="grid", device=dev)
+        grid, sec = _timed(mean_shift, sub, BANDWIDTH, mode="grid", cutoff=cutoff, device=dev)
         r["grid"] = _ms_record(grid, sec, n)
         per_iter = _exact_per_iter(sub, dev)
         r["exact_per_iter_s"] = round(per_iter, 4)
@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-points", default=None, help="write the built point cloud here (.npy)")
     p.add_argument("--sizes", default="20000,100000", help="subsample sizes, comma-separated")
     p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--cutoff", type=float, default=3.0, help="grid engine kernel cutoff (bandwidths)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     points = np.load(args.points) if args.points else build_lung_points()
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
         Path(args.save_points).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.save_points, points)
     sizes = tuple(int(s) for s in args.sizes.split(",") if s)
-    rec = run(points, args.device, sizes=sizes, skip_sklearn=args.skip_sklearn)
+    rec = run(points, args.device, sizes=sizes, skip_sklearn=args.skip_sklearn, cutoff=args.cutoff)
     out = Path(args.out) / "cluster.json"
     data = json.loads(out.read_text()) if out.exists() else {}
     data[rec["device"].split(":")[0]] = rec

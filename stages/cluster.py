@@ -581,9 +581,14 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
 
     Notes
     -----
-    The result differs between engines only by the truncation at ``cutoff`` and the seeds
-    (bins or points); on lung tissue point clouds the labels agree to an adjusted Rand
-    index above 0.99 (see ``pipeline/bench_cluster.py``).
+    The engines differ only by the truncation at ``cutoff`` and the seeds (bins or
+    points).  The truncation matters in five dimensions: the Gaussian keeps
+    ``P(chi2_D <= cutoff^2)`` of its mass, 89 % at ``cutoff=3`` for D = 5 (99.3 % at 4,
+    99.98 % at 5), and on sparse 5-D clouds with hundreds of weak modes this moves modes.
+    Measured on 3000 lung1 tissue voxels (``pipeline/bench_cluster.py`` features), the
+    adjusted Rand index of grid against exact labels was 0.94 at ``cutoff=3``, 0.987 at 4,
+    0.992 at 5 (1.0 at 5 without bin seeding); the grid engine's cost grows about as
+    ``cutoff^k`` (k hashed dimensions).
 
     Examples
     --------

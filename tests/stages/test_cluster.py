@@ -83,6 +83,14 @@ def test_grid_agrees_with_exact_on_5d_clusters():
         assert np.min(np.linalg.norm(grid.centres - c, axis=1)) < 0.1
 
 
+def test_grid_with_long_cutoff_and_point_seeds_matches_exact(rng):
+    pts = vessel_like(rng, n_tubes=3, n_per=100)
+    exact = mean_shift(pts, 1.0, mode="exact", device="cpu")
+    grid = mean_shift(pts, 1.0, mode="grid", cutoff=6.0, bin_seeding=False, device="cpu")
+    assert adjusted_rand_score(exact.labels, grid.labels) == 1.0
+    np.testing.assert_allclose(grid.centres, exact.centres, atol=0.05)
+
+
 def test_grid_shift_equals_brute_force_truncated_kernel(rng):
     pts = torch.as_tensor(vessel_like(rng, n_tubes=3, n_per=200))
     grid = cluster._Grid(pts, 2.0, cluster._choose_grid_dims(pts, 2.0))
@@ -242,3 +250,23 @@ def test_kmeans_input_errors(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         kmeans(np.random.default_rng(0).normal(size=(20, 2)), args.pop("k"), **args)
+
+
+def test_bench_cli_writes_and_merges_json(tmp_path):
+    import json
+
+    from pipeline.bench_cluster import BANDWIDTH, main
+
+    pts = vessel_like(np.random.default_rng(1), n_tubes=2, n_per=80) * np.asarray(BANDWIDTH)
+    np.save(tmp_path / "pts.npy", pts)
+    (tmp_path / "cluster.json").write_text(json.dumps({"cuda": {"kept": True}}))
+    argv = ["--device", "cpu", "--points", str(tmp_path / "pts.npy"), "--out", str(tmp_path),
+            "--sizes", "150", "--skip-sklearn"]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "cluster.json").read_text())
+    assert data["cuda"] == {"kept": True}
+    runs = data["cpu"]["runs"]
+    assert set(runs) == {"150", "whole_lung"}
+    assert runs["whole_lung"]["n_points"] == len(pts)
+    assert 0.0 <= runs["150"]["ari_grid_vs_exact"] <= 1.0
+    assert runs["150"]["grid"]["n_clusters"] >= 1
