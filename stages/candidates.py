@@ -220,11 +220,11 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     on_grid = np.all(idx % density_stride == 0, axis=1) | (counts[inverse] < SMALL_COMPONENT)
     dens = pts[on_grid].astype(np.float64)
     if method == "mean_shift":
-        res = mean_shift(dens, bandwidth, seeds=seeds, device=device, kernel=kernel,
+        res = mean_shift(dens, bandwidth, seeds=seeds, device=device, kernel=kernel, dtype="float32",
                          max_iter=mean_shift_max_iter, tol=MEAN_SHIFT_TOL, cutoff=MEAN_SHIFT_CUTOFF,
                          seed=seed)
     else:
-        res = kmeans(dens, min(len(ids), dens.shape[0]), device=device, seed=seed)
+        res = kmeans(dens, min(len(ids), dens.shape[0]), device=device, dtype="float32", seed=seed)
     log.debug("candidates: %d points, %d density points, %d seeds, %d modes, %s iterations",
               len(pts), len(dens), len(seeds), len(res.centres), getattr(res, "n_iter", "?"))
     labels = cKDTree(res.centres).query(pts, k=1)[1]

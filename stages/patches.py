@@ -30,7 +30,8 @@ def _side(size_mm, spacing_mm) -> int:
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     n = int(round(size_mm / spacing_mm))
     if n < 1:
-        raise ValueError(f"size_mm / spacing_mm must give at least one sample, got {size_mm} / {spacing_mm}")
+        raise ValueError(f"size_mm / spacing_mm must give at least one sample, "
+                         f"got {size_mm} / {spacing_mm}")
     return n
 
 

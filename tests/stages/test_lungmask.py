@@ -23,7 +23,8 @@ def _chest(shape=(60, 100, 140), *, lungs=("right", "left"), body_to_edge=False,
                   + ((x - centres[side]) / (0.17 * shape[2])) ** 2) <= 1
         arr[inside] = LUNG_HU
     if bridge:  # lungs joined by a thin band of lung (anterior junction line)
-        arr[int(cz) - 8:int(cz) + 8, int(cy) - 2:int(cy) + 2, int(centres["right"]):int(centres["left"])] = LUNG_HU
+        zs, ys = slice(int(cz) - 8, int(cz) + 8), slice(int(cy) - 2, int(cy) + 2)
+        arr[zs, ys, int(centres["right"]):int(centres["left"])] = LUNG_HU
     if trachea:  # a tube from the top down to the carina, bronchi into both lungs
         r2 = (y - cy) ** 2 + (x - cx) ** 2
         arr[(r2 <= 9) & (z >= cz + 5)] = AIR_HU
