@@ -18,7 +18,8 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
     Parameters
     ----------
     path : str or Path, optional
-        YAML file with a ``stages`` list and one mapping per stage.
+        YAML file with a ``stages`` list and one mapping per stage.  ``extends: other.yaml``
+        (relative to the file) starts from that config and overrides section by section.
     overrides : dict, optional
         ``{"section": {"key": value}}`` merged over the file (used by tests and the CLI).
 
@@ -36,6 +37,14 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
         config = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if isinstance(config, dict) and config.get("extends"):
+        base = load_config(path.parent / config.pop("extends"))
+        for section, values in config.items():
+            if isinstance(values, dict) and isinstance(base.get(section), dict):
+                base[section] = {**base[section], **values}
+            else:
+                base[section] = values
+        config = base
     if not isinstance(config, dict) or not isinstance(config.get("stages"), list):
         raise ValueError(f"{path}: a config needs a 'stages:' list, e.g. stages: [ingest, resample]")
     config = copy.deepcopy(config)

@@ -46,3 +46,20 @@ def test_limit_only_and_duplicates(tmp_path):
 def test_missing_source_is_a_clean_error(tmp_path):
     with pytest.raises(ScanError, match="no such file or folder"):
         discover_scans(tmp_path / "nope")
+
+
+def test_config_extends_and_rejects_bad_files(tmp_path):
+    from pipeline.config import load_config
+
+    luna = load_config(Path(__file__).resolve().parents[2] / "configs" / "luna16.yaml")
+    assert luna["candidates"]["max_candidates"] == 100
+    assert luna["candidates"]["bandwidth"] == 1.0 and luna["stages"][0] == "ingest"
+    (tmp_path / "bad.yaml").write_text("stages: [ingest\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "nostages.yaml").write_text("ingest: {}\n")
+    with pytest.raises(ValueError, match="needs a 'stages:' list"):
+        load_config(tmp_path / "nostages.yaml")
+    (tmp_path / "python.yaml").write_text("stages: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(tmp_path / "python.yaml")
