@@ -11,13 +11,7 @@ from nets.train import Callback, DataLoaders, Learner, set_seed
 bce = torch.nn.functional.binary_cross_entropy_with_logits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, above all on a busy CI machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _patients(n, dim=4, seed=0):
