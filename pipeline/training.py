@@ -17,7 +17,7 @@ validation; else a fixed 80/20 split of the uids); take the candidates (``candid
 else :func:`stages.candidates.find_candidates` labelled by distance to the annotations, else
 the annotations plus random points away from them); keep every positive and at most
 ``max_neg_per_scan`` negatives per scan; cut ``size_mm`` cubes at 1 mm around each
-(trilinear, air outside the scan) and cache them in HDF5 so later runs and epochs never
+(:func:`stages.patches.extract_patches`, exactly as :mod:`pipeline.classify` does) and cache them in HDF5 so later runs and epochs never
 re-read scans; train :class:`nets.cnn3d.NoduleNet3D` with :class:`nets.train.Learner`
 (one-cycle, a fixed fraction of positives per batch, flips/rotations/zoom, checkpoint every
 epoch, CSV log); write the weights, a model card and the log to ``--out``.
@@ -41,18 +41,26 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_classifier", "find_scans", "split_scans", "label_candidates", "cut_cube",
+__all__ = ["train_classifier", "find_scans", "split_scans", "label_candidates",
            "build_cube_cache", "main", "WEIGHTS_NAME"]
 
 WEIGHTS_NAME = "nodule_cnn3d.pt"
-#: HU given to cube voxels outside the scan.
-AIR_HU = -1000.0
+#: HDF5 filters of the cached cubes: lossless, about half the size (a cache travels to a
+#: GPU machine more easily), one cube per chunk so reads stay random-access.
+CACHE_COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+#: Bumped whenever the cube cutting changes, so stale caches are not reused.
+CUBE_FORMAT = "extract_patches-v1"
 #: Fraction of the uids held out for validation when the tree has no split folders.
 VAL_FRACTION = 0.2
 #: Training batches swept by the LR finder when ``lr`` is None (``--lr auto``).
 LR_FIND_ITERS = 100
 #: Voxel size (mm) the candidate detector runs at.
 DETECT_SPACING_MM = 1.0
+#: Candidates per scan asked of the detector for training (None: its default, what the screen
+#: sees; more gives more hard negatives).
+DETECT_MAX_CANDIDATES = None
+#: Random plain-lung points per scan added as negatives next to the detector's candidates.
+LUNG_NEG_PER_SCAN = 8
 #: Fallback negatives are drawn first from voxels at least this dense (HU): soft tissue, vessels.
 NEG_MIN_HU = -500.0
 #: Random negatives keep at least this far (mm) beyond an annotation's radius (fallback only).
@@ -133,11 +141,15 @@ def _read_scan(path):
     return read_scan(path)
 
 
-def _detected_candidates(scans, annotations, rng, n_random: int, device=None) -> pd.DataFrame:
+def _detected_candidates(scans, annotations, rng, n_random: int, device=None,
+                         max_candidates: int | None = None, n_lung: int = 0) -> pd.DataFrame:
     """Candidates when the tree has no candidate list: lungscreen's own detector
     (resample to 1 mm, :func:`stages.lungmask.segment_lungs`,
     :func:`stages.candidates.find_candidates`); random points where it finds nothing.
-    Every annotated nodule is added as a positive."""
+    Every annotated nodule is added as a positive.  ``max_candidates``: passed to the
+    detector (``None``: its default, what the screen sees).  ``n_lung``: that many random
+    points of the lung mask, away from the annotations, are added as easy negatives, so the
+    classifier also learns what plain lung looks like."""
     try:
         from stages.candidates import find_candidates
         from stages.lungmask import segment_lungs
@@ -154,9 +166,14 @@ def _detected_candidates(scans, annotations, rng, n_random: int, device=None) ->
         if find_candidates is not None:
             vol1 = (vol if np.allclose(vol.spacing_mm, DETECT_SPACING_MM, atol=0.01)
                     else resample(vol, DETECT_SPACING_MM, device=device))
-            found = find_candidates(vol1, segment_lungs(vol1), device=device)
+            kw = {} if max_candidates is None else {"max_candidates": int(max_candidates)}
+            mask = segment_lungs(vol1)
+            found = find_candidates(vol1, mask, device=device, **kw)
             if len(found):
                 c = found[["coordX", "coordY", "coordZ"]].copy()
+            lung = _lung_points(mask, ann, rng, n_lung) if n_lung and c is not None else None
+            if lung is not None and len(lung):
+                c = pd.concat([c, lung], ignore_index=True)
             else:
                 log.info("%s: the detector found no candidate; random negatives instead",
                          row.seriesuid)
@@ -168,6 +185,20 @@ def _detected_candidates(scans, annotations, rng, n_random: int, device=None) ->
     cands = pd.concat(frames, ignore_index=True)
     cands["class"] = label_candidates(cands, annotations)
     return cands
+
+
+def _lung_points(mask, ann, rng, n: int) -> pd.DataFrame:
+    """Up to ``n`` random voxel centres inside ``mask`` (a Volume, non-zero = lung), each more
+    than ``NEG_MARGIN_MM`` beyond every annotation's radius; LUNA16 ``coordX/Y/Z`` columns."""
+    idx = np.flatnonzero(np.asarray(mask.array).reshape(-1))
+    picks = rng.choice(idx, size=min(4 * n, len(idx)), replace=False) if len(idx) else []
+    pts = (mask.index_to_world(np.stack(np.unravel_index(picks, mask.shape), -1))[:, ::-1]
+           if len(picks) else np.zeros((0, 3)))
+    if len(ann) and len(pts):
+        centres = ann[["coordX", "coordY", "coordZ"]].to_numpy(float)
+        dist = np.linalg.norm(pts[:, None] - centres[None], axis=2)
+        pts = pts[(dist > ann["diameter_mm"].to_numpy(float)[None] / 2 + NEG_MARGIN_MM).all(axis=1)]
+    return pd.DataFrame(pts[:n], columns=["coordX", "coordY", "coordZ"])
 
 
 def _random_points(vol, ann, rng, n: int) -> pd.DataFrame:
@@ -188,45 +219,6 @@ def _random_points(vol, ann, rng, n: int) -> pd.DataFrame:
     return pd.DataFrame(pts, columns=["coordX", "coordY", "coordZ"])
 
 
-def cut_cube(vol, centre_zyx_mm, *, size_mm: float = 32.0, spacing_mm: float = 1.0,
-             fill_hu: float = AIR_HU) -> np.ndarray:
-    """A cube of ``size_mm`` sampled every ``spacing_mm`` around a world point (trilinear).
-
-    The cube's axes follow the volume's array axes (z, y, x); voxels outside the scan get
-    ``fill_hu``.  Returns ``(n, n, n)`` int16 HU with ``n = round(size_mm / spacing_mm)``.
-
-    Examples
-    --------
-    >>> from stages.volume import Volume
-    >>> vol = Volume(np.zeros((4, 4, 4), np.int16), spacing_mm=(2.0, 1.0, 1.0))
-    >>> cut_cube(vol, (3.0, 1.5, 1.5), size_mm=4).shape
-    (4, 4, 4)
-    """
-    from scipy.ndimage import map_coordinates
-
-    n = int(round(size_mm / spacing_mm))
-    if n < 1:
-        raise ValueError(f"size_mm / spacing_mm must give at least one voxel, got {size_mm}/{spacing_mm}")
-    centre_idx = vol.world_to_index(np.asarray(centre_zyx_mm, float))
-    offs_mm = (np.arange(n) - (n - 1) / 2) * spacing_mm
-    axes = [centre_idx[a] + offs_mm / vol.spacing_mm[a] for a in range(3)]
-    # read only the block of the scan the cube touches (plus the interpolation neighbours)
-    lo = [int(np.clip(np.floor(ax.min()), 0, s - 1)) for ax, s in zip(axes, vol.shape)]
-    hi = [int(np.clip(np.ceil(ax.max()) + 1, 1, s)) for ax, s in zip(axes, vol.shape)]
-    block = np.asarray(vol.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
-    grid = np.stack(np.meshgrid(*[ax - l for ax, l in zip(axes, lo)], indexing="ij"))
-    if block.size == 0:
-        return np.full((n, n, n), fill_hu, dtype=np.int16)
-    out = map_coordinates(block, grid, order=1, mode="constant", cval=fill_hu)
-    # points outside the scan proper (not just outside the block) take fill_hu
-    outside = np.zeros((n, n, n), bool)
-    for a, (ax, s) in enumerate(zip(axes, vol.shape)):
-        bad = (ax < 0) | (ax > s - 1)
-        outside |= bad.reshape([-1 if i == a else 1 for i in range(3)])
-    out[outside] = fill_hu
-    return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
-
-
 # ---------------------------------------------------------------------- cube cache
 def _cache_key(scans, cands, size_mm, spacing_mm) -> str:
     h = hashlib.sha1()
@@ -234,7 +226,7 @@ def _cache_key(scans, cands, size_mm, spacing_mm) -> str:
         st = os.stat(row.path)
         h.update(f"{row.seriesuid}|{row.path}|{st.st_size}|{st.st_mtime_ns}|{row.split}\n".encode())
     h.update(pd.util.hash_pandas_object(cands, index=False).to_numpy().tobytes())
-    h.update(f"{size_mm}|{spacing_mm}".encode())
+    h.update(f"{size_mm}|{spacing_mm}|{CUBE_FORMAT}".encode())
     return h.hexdigest()[:16]
 
 
@@ -243,12 +235,14 @@ def build_cube_cache(path, scans: pd.DataFrame, cands: pd.DataFrame, *, size_mm:
     """Cut every candidate's cube once and store it in HDF5 (``<split>/cubes``, ``labels`` ...).
 
     ``scans`` needs ``seriesuid, path, split``; ``cands`` needs ``seriesuid, coordX/Y/Z, class``.
-    Each scan is read once.  The file is written under a temporary name and renamed.
+    Each scan is read once; cubes are cut with :func:`stages.patches.extract_patches`, the
+    call :func:`pipeline.classify.classify_candidates` makes at inference, and stored as int16
+    HU (rounded).  The file is written under a temporary name and renamed.
     """
     import h5py
     from tqdm.auto import tqdm
 
-    from stages.volume import xyz_to_zyx
+    from stages.patches import extract_patches
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,7 +259,8 @@ def build_cube_cache(path, scans: pd.DataFrame, cands: pd.DataFrame, *, size_mm:
                 m = int((cands["split"] == split).sum())
                 g = h5.create_group(split)
                 dsets[split] = g.create_dataset("cubes", (m, n, n, n), dtype="int16",
-                                                chunks=(1, n, n, n) if m else None)
+                                                chunks=(1, n, n, n) if m else None,
+                                                **(CACHE_COMPRESSION if m else {}))
                 part = cands[cands["split"] == split]
                 g.create_dataset("labels", data=part["class"].to_numpy(np.uint8))
                 g.create_dataset("seriesuid", data=part["seriesuid"].to_numpy().astype("S"))
@@ -276,10 +271,13 @@ def build_cube_cache(path, scans: pd.DataFrame, cands: pd.DataFrame, *, size_mm:
                             progress is not None else None):
                 vol = _read_scan(row.path)
                 rows = np.flatnonzero(cands["seriesuid"].to_numpy() == row.seriesuid)
-                for r in rows:
-                    centre = xyz_to_zyx(cands.loc[r, ["coordX", "coordY", "coordZ"]].to_numpy(float))
-                    dsets[row.split][pos_in_split[r]] = cut_cube(vol, centre, size_mm=size_mm,
-                                                                 spacing_mm=spacing_mm)
+                # the call pipeline.classify makes at inference: the same cubes, float32 HU
+                cubes = extract_patches(vol, centres_xyz_mm=cands.loc[rows, ["coordX", "coordY",
+                                                                               "coordZ"]].to_numpy(float),
+                                        size_mm=size_mm, spacing_mm=spacing_mm)
+                cubes = np.clip(np.rint(cubes), -32768, 32767).astype(np.int16)
+                for r, cube in zip(rows, cubes):
+                    dsets[row.split][pos_in_split[r]] = cube
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -315,35 +313,13 @@ class H5Cubes:
 
 
 # ---------------------------------------------------------------------- training
-def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 32,
-                     lr: float = 3e-3, weight_decay: float = 1e-4, pos_fraction: float = 0.25,
-                     max_neg_per_scan: int = 200, size_mm: float = 32.0, spacing_mm: float = 1.0,
-                     widths=(16, 32, 64, 128), dropout: float = 0.2, patience: int = 0,
-                     seed: int = 0, device=None, workers: int = 0, resume: bool = False,
-                     cache_dir=None, progress: bool | None = None, command: str = "") -> dict:
-    """Train the false-positive classifier; write weights, model card, log and checkpoint.
-
-    Returns a dict with the written paths, the data counts and the last epoch's metrics.
-    ``lr=None`` runs :meth:`nets.train.Learner.lr_find` first and trains at its suggestion.
-    Parameters mirror the CLI flags (see ``python -m pipeline.training --help``); units are
-    in the names.  ``patience=0`` turns early stopping off.
-    """
-    import torch
-
-    from nets.callbacks import (Checkpoint, EarlyStopping, MetricsLogger, MixedPrecision,
-                                accuracy, roc_auc)
-    from nets.cnn3d import NoduleNet3D, save_classifier
-    from nets.data import CubeDataset, PositiveFractionSampler, augment_cube
-    from nets.train import DataLoaders, Learner, pick_device, set_seed
+def _prepare_cache(data: Path, out: Path, *, seed, max_neg_per_scan, size_mm, spacing_mm, device,
+                   cache_dir, progress, detect_max_candidates, lung_neg_per_scan=0):
+    """Scans, candidates and labels of ``data``'s train/val splits, cut into a cube cache
+    (built unless it exists); returns ``(cache path, candidate source, scans per split)``."""
     from pipeline.luna16 import read_annotations, read_candidates, read_excluded
 
-    if lr is not None and not lr > 0:
-        raise ValueError(f"lr must be > 0, or None to run the LR finder; got {lr}")
-    if epochs < 1 or batch_size < 2 or max_neg_per_scan < 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 2, max_neg_per_scan >= 0; got "
-                         f"{epochs}, {batch_size}, {max_neg_per_scan}")
-    data, out = Path(data), Path(out)
-    dev = pick_device(device)
+    dev = device
     rng = np.random.default_rng(seed)
     scans = find_scans(data)
     scans["split"] = split_scans(scans)
@@ -353,7 +329,8 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         cands = _read_table(data, read_candidates, "candidates_V2.csv", scans)
         cand_source = "candidates_V2.csv"
     except FileNotFoundError:
-        cands = _detected_candidates(scans, annotations, rng, max_neg_per_scan, device=str(dev))
+        cands = _detected_candidates(scans, annotations, rng, max_neg_per_scan, device=str(dev),
+                                     max_candidates=detect_max_candidates, n_lung=lung_neg_per_scan)
         cand_source = "detected (no candidates_V2.csv)"
     cands = cands[cands["seriesuid"].isin(scans["seriesuid"])]
     try:  # findings LUNA16 ignores (< 3 mm): neither nodule nor non-nodule examples
@@ -373,12 +350,63 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     if not cache.exists():
         build_cube_cache(cache, scans, cands, size_mm=size_mm, spacing_mm=spacing_mm,
                          progress=progress)
+    return cache, cand_source, {s: int((scans["split"] == s).sum()) for s in ("train", "val")}
+
+
+def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 32,
+                     lr: float = 3e-3, weight_decay: float = 1e-4, pos_fraction: float = 0.25,
+                     max_neg_per_scan: int = 200, size_mm: float = 32.0, spacing_mm: float = 1.0,
+                     widths=(16, 32, 64, 128), dropout: float = 0.2, patience: int = 0,
+                     seed: int = 0, device=None, workers: int = 0, resume: bool = False,
+                     cache_dir=None, progress: bool | None = None, command: str = "",
+                     cache_file=None, detect_max_candidates: int | None = DETECT_MAX_CANDIDATES,
+                     lung_neg_per_scan: int = LUNG_NEG_PER_SCAN) -> dict:
+    """Train the false-positive classifier; write weights, model card, log and checkpoint.
+
+    Returns a dict with the written paths, the data counts and the last epoch's metrics.
+    ``lr=None`` runs :meth:`nets.train.Learner.lr_find` first and trains at its suggestion.
+    Parameters mirror the CLI flags (see ``python -m pipeline.training --help``); units are
+    in the names.  ``patience=0`` turns early stopping off.  ``cache_file``: train from that
+    cube cache (an ``OUT/cache/cubes-*.h5`` of an earlier run; ``data``, the candidate and cube
+    settings are then taken from it), e.g. on a GPU machine that does not hold the scans.
+    """
+    import torch
+
+    from nets.callbacks import (Checkpoint, EarlyStopping, MetricsLogger, MixedPrecision,
+                                accuracy, roc_auc)
+    from nets.cnn3d import NoduleNet3D, save_classifier
+    from nets.data import CubeDataset, PositiveFractionSampler, augment_cube
+    from nets.train import DataLoaders, Learner, pick_device, set_seed
+
+    if lr is not None and not lr > 0:
+        raise ValueError(f"lr must be > 0, or None to run the LR finder; got {lr}")
+    if epochs < 1 or batch_size < 2 or max_neg_per_scan < 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 2, max_neg_per_scan >= 0; got "
+                         f"{epochs}, {batch_size}, {max_neg_per_scan}")
+    out = Path(out)
+    dev = pick_device(device)
+    if cache_file is not None:  # train straight from a cube cache (e.g. built on another machine)
+        cache = Path(cache_file)
+        if not cache.is_file():
+            raise FileNotFoundError(f"{cache}: cube cache not found; build one with a run on --data")
+        data, cand_source = cache, f"cube cache `{cache.name}`"
+        import h5py
+
+        with h5py.File(cache, "r") as h5:
+            size_mm, spacing_mm = float(h5.attrs["size_mm"]), float(h5.attrs["spacing_mm"])
+            n_scans = {s: len(set(h5[s]["seriesuid"][:])) for s in ("train", "val")}
+    else:
+        data = Path(data)
+        cache, cand_source, n_scans = _prepare_cache(
+            data, out, seed=seed, max_neg_per_scan=max_neg_per_scan, size_mm=size_mm,
+            spacing_mm=spacing_mm, device=dev, cache_dir=cache_dir, progress=progress,
+            detect_max_candidates=detect_max_candidates, lung_neg_per_scan=lung_neg_per_scan)
     import h5py
 
     with h5py.File(cache, "r") as h5:
         labels = {s: h5[s]["labels"][:].astype(np.float32) for s in ("train", "val")}
     counts = {s: {"cubes": int(len(labels[s])), "positives": int(labels[s].sum()),
-                  "scans": int((scans["split"] == s).sum())} for s in ("train", "val")}
+                  "scans": int(n_scans[s])} for s in ("train", "val")}
     if counts["train"]["positives"] == 0 or counts["train"]["positives"] == counts["train"]["cubes"]:
         raise ValueError(f"the training split needs nodules and non-nodules, got {counts['train']}; "
                          f"check annotations.csv and the candidates in {data}")
@@ -478,7 +506,7 @@ def _write_card(res: dict, *, model, data, command, **settings) -> None:
 # ---------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.training", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="LUNA16-like root (subset*/ or train/val/ with .mhd)")
+    p.add_argument("--data", help="LUNA16-like root (subset*/ or train/val/ with .mhd)")
     p.add_argument("--out", default="models", help="output folder (default: models/)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
@@ -496,6 +524,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--cache", default=None, help="cube cache folder (default: OUT/cache)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-cache", default=None, metavar="H5",
+                   help="train from this cube cache (OUT/cache/cubes-*.h5 of an earlier run) "
+                        "instead of reading scans; --data is then not needed")
+    p.add_argument("--lung-neg-per-scan", type=int, default=LUNG_NEG_PER_SCAN,
+                   help="random plain-lung negatives per scan next to the detector's candidates")
+    p.add_argument("--detect-max-candidates", type=int, default=None,
+                   help="candidates per scan asked of the detector for training (default: "
+                        "the detector's own, as in the screen); more = more hard negatives")
     return p
 
 
@@ -508,6 +544,8 @@ def main(argv=None) -> int:
     command = "python -m pipeline.training " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
+        if args.data is None and args.from_cache is None:
+            raise ValueError("give --data DIR (a LUNA16-like tree) or --from-cache H5")
         widths = tuple(int(w) for w in args.widths.split(","))
         lr = None if args.lr == "auto" else float(args.lr)
         res = train_classifier(args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
@@ -516,7 +554,10 @@ def main(argv=None) -> int:
                                size_mm=args.size_mm, widths=widths, patience=args.patience,
                                seed=args.seed, device=args.device, workers=args.workers,
                                resume=args.resume, cache_dir=args.cache,
-                               progress=False if args.no_progress else None, command=command)
+                               progress=False if args.no_progress else None, command=command,
+                               cache_file=args.from_cache,
+                               detect_max_candidates=args.detect_max_candidates,
+                               lung_neg_per_scan=args.lung_neg_per_scan)
     except (FileNotFoundError, ValueError, ScanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

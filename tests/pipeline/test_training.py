@@ -8,7 +8,7 @@ import torch
 from nets.cnn3d import load_classifier
 from pipeline import training
 from pipeline.io import write_csv, write_volume
-from pipeline.training import cut_cube, label_candidates, main, split_scans
+from pipeline.training import label_candidates, main, split_scans
 from stages.volume import Volume
 
 
@@ -101,6 +101,15 @@ def test_make_train_on_a_fake_luna_tree(tmp_path, rng, monkeypatch):
     rows2 = list(csv.DictReader(open(out / "train_log.csv")))
     assert [r["valid_loss"] for r in rows2] == [r["valid_loss"] for r in rows]
 
+    # third run: from the cache file alone (as on a GPU machine without the scans)
+    out2 = tmp_path / "from_cache"
+    assert main(["--from-cache", str(caches[0]), "--out", str(out2), *ARGS]) == 0
+    card2 = (out2 / "nodule_cnn3d.md").read_text()
+    assert "cube cache" in card2 and "Train: 2 scans, " in card2 and "Validation: 1 scans" in card2
+    assert torch.load(out2 / training.WEIGHTS_NAME, weights_only=True)["preprocessing"]["size_mm"] == 16.0
+    assert main(["--from-cache", str(tmp_path / "missing.h5"), "--out", str(out2)]) == 2
+    assert main(["--out", str(out2)]) == 2  # neither --data nor --from-cache
+
 
 def test_train_without_candidate_list_and_with_split_folders(tmp_path, rng):
     data, out = tmp_path / "bench", tmp_path / "m"
@@ -123,23 +132,30 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
 
 
-def test_cut_cube_samples_world_positions():
-    # value = 10 * z_mm + y_mm + 0.1 * x_mm is linear, so trilinear sampling is exact
-    vol = Volume(np.zeros((10, 20, 20), np.int16), spacing_mm=(3.0, 0.5, 0.5), origin_mm=(5.0, 0.0, 0.0))
-    idx = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), -1)
-    w = vol.index_to_world(idx)
-    vol = vol.with_array(np.rint(w[..., 0] * 10 + w[..., 1] + 0.1 * w[..., 2]).astype(np.int16))
-    centre = np.array([17.0, 5.0, 4.0])
-    cube = cut_cube(vol, centre, size_mm=4, spacing_mm=1.0)
-    assert cube.shape == (4, 4, 4)
-    offs = np.arange(4) - 1.5
-    expect = (10 * (centre[0] + offs)[:, None, None] + (centre[1] + offs)[None, :, None]
-              + 0.1 * (centre[2] + offs)[None, None, :])
-    assert np.abs(cube - expect).max() <= 1.0
-    # outside the scan: air
-    edge = cut_cube(vol, (5.0, 0.0, 0.0), size_mm=4)
-    assert (edge[0] == -1000).all() and edge[-1, -1, -1] != -1000
-    assert (cut_cube(vol, (500.0, 0.0, 0.0), size_mm=4) == -1000).all()
+def test_cache_cubes_are_the_inference_cubes(tmp_path, rng):
+    """The cache holds exactly what pipeline.classify cuts (stages.patches.extract_patches),
+    rounded to int16: training and inference see the same cubes."""
+    from stages.patches import extract_patches
+
+    vol = Volume(rng.integers(-1000, 400, size=(10, 20, 20)).astype(np.int16), spacing_mm=(3.0, 0.5, 0.5),
+                 origin_mm=(5.0, 0.0, 0.0), scan_id="s")
+    write_volume(vol, tmp_path / "train" / "s.mhd")
+    # inside, half-outside (air fill) and far outside the scan
+    xyz = np.array([[4.0, 5.0, 17.0], [0.0, 0.0, 5.0], [0.0, 0.0, 500.0]])
+    cands = pd.DataFrame({"seriesuid": "s", "coordX": xyz[:, 0], "coordY": xyz[:, 1],
+                          "coordZ": xyz[:, 2], "class": [1, 0, 0]})
+    scans = pd.DataFrame({"seriesuid": ["s"], "path": [str(tmp_path / "train" / "s.mhd")],
+                          "split": ["train"]})
+    path = training.build_cube_cache(tmp_path / "c.h5", scans, cands, size_mm=6.0, spacing_mm=1.5,
+                                     progress=False)
+    import h5py
+    with h5py.File(path) as h5:
+        cubes = h5["train/cubes"][:]
+        assert h5["train/labels"][:].tolist() == [1, 0, 0] and h5["val/cubes"].shape[0] == 0
+    expect = extract_patches(vol, centres_xyz_mm=xyz, size_mm=6.0, spacing_mm=1.5)
+    assert cubes.dtype == np.int16 and cubes.shape == expect.shape == (3, 4, 4, 4)
+    assert np.abs(cubes - expect).max() <= 0.5
+    assert (cubes[2] == -1000).all() and (cubes[1] == -1000).any() and (cubes[1] != -1000).any()
 
 
 def test_split_and_labels():
@@ -168,3 +184,18 @@ def test_random_negatives_prefer_dense_tissue_away_from_nodules(rng):
     ann["coordX"] = 30.0  # a nodule in the dense half: no negative near it
     xyz = training._random_points(vol, ann, rng, 30)[["coordX", "coordY", "coordZ"]].to_numpy()
     assert (np.linalg.norm(xyz - [30.0, 20.0, 20.0], axis=1) > 3 + training.NEG_MARGIN_MM).all()
+
+
+def test_lung_negatives_lie_in_the_lungs_away_from_nodules(rng):
+    mask = np.zeros((30, 40, 40), np.uint8)
+    mask[5:25, 5:35, 22:38] = 1  # one "lung" block, x index 22..37
+    mask_vol = Volume(mask, spacing_mm=(2.0, 1.0, 1.0), origin_mm=(-10.0, 0.0, 0.0))
+    ann = pd.DataFrame({"seriesuid": ["s"], "coordX": [30.0], "coordY": [20.0], "coordZ": [20.0],
+                        "diameter_mm": [8.0]})
+    pts = training._lung_points(mask_vol, ann, rng, 12)
+    assert len(pts) == 12
+    xyz = pts[["coordX", "coordY", "coordZ"]].to_numpy()
+    idx = np.rint(mask_vol.world_to_index(xyz[:, ::-1])).astype(int)
+    assert mask[tuple(idx.T)].all()
+    assert (np.linalg.norm(xyz - [30.0, 20.0, 20.0], axis=1) > 4 + training.NEG_MARGIN_MM).all()
+    assert len(training._lung_points(mask_vol.with_array(np.zeros_like(mask)), ann, rng, 5)) == 0
