@@ -199,3 +199,36 @@ def test_lung_negatives_lie_in_the_lungs_away_from_nodules(rng):
     assert mask[tuple(idx.T)].all()
     assert (np.linalg.norm(xyz - [30.0, 20.0, 20.0], axis=1) > 4 + training.NEG_MARGIN_MM).all()
     assert len(training._lung_points(mask_vol.with_array(np.zeros_like(mask)), ann, rng, 5)) == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_committed_model_scores_phantom_nodules_above_plain_lung(seed):
+    """models/nodule_cnn3d.pt (what the classify stage loads by default) reads with
+    weights_only=True and ranks every phantom nodule (solid, part-solid, ground-glass,
+    juxta-pleural, 6-20 mm) above cubes of plain lung."""
+    from scipy import ndimage as ndi
+
+    from pipeline.classify import DEFAULT_WEIGHTS, classify_candidates
+    from pipeline.phantom import make_phantom
+
+    raw = torch.load(DEFAULT_WEIGHTS, weights_only=True)
+    assert raw["preprocessing"]["size_mm"] == 32.0 and raw["preprocessing"]["spacing_mm"] == 1.0
+    assert DEFAULT_WEIGHTS.stat().st_size < 20e6
+    vol, ann, truth = make_phantom((160, 192, 192), (1.0, 1.0, 1.0), seed=seed, n_nodules=4,
+                                   diameter_range_mm=(6.0, 20.0), return_truth=True)
+    r = np.random.default_rng(seed)
+    plain = (truth["lung_mask"] > 0) & (ndi.maximum_filter(vol.array, size=9) < -700)
+    idx = np.argwhere(plain)
+    xyz = vol.index_to_world(idx[r.choice(len(idx), 200, replace=False)])[:, ::-1]
+    nod = ann[["coordX", "coordY", "coordZ"]].to_numpy()
+    xyz = xyz[(np.linalg.norm(xyz[:, None] - nod[None], axis=2) > 20).all(axis=1)][:8]
+    assert len(xyz) == 8
+    cands = pd.concat([ann[["coordX", "coordY", "coordZ"]].assign(what=ann["kind"]),
+                       pd.DataFrame(xyz, columns=["coordX", "coordY", "coordZ"]).assign(what="lung")],
+                      ignore_index=True).assign(score=0.0)
+    out = classify_candidates(vol, cands, device="cpu", tta=8)
+    p_nodule = out.loc[out["what"] != "lung", "probability"]
+    p_lung = out.loc[out["what"] == "lung", "probability"]
+    assert len(p_nodule) == 4 and set(out["what"]) >= {"solid", "ground-glass", "juxta-pleural"}
+    assert p_nodule.min() > 0.5 > 0.1 > p_lung.max()
+    assert out["what"].iloc[:4].ne("lung").all()  # the nodules come first
