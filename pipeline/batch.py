@@ -182,6 +182,8 @@ def write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **ru
             frames.append(pd.read_csv(csv, dtype={"seriesuid": str}))
     if frames:
         write_csv(pd.concat(frames, ignore_index=True), out_dir / "candidates.csv", float_format="%.4f")
+    elif (out_dir / "candidates.csv").exists():  # never leave an older run's marks to be scored
+        (out_dir / "candidates.csv").unlink()
     errors = pd.DataFrame([{"path": r.source, "error": r.error} for r in results if r.status == "failed"],
                           columns=["path", "error"]).sort_values("path")
     write_csv(errors, out_dir / "errors.csv")

@@ -53,6 +53,8 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
             config.setdefault(section, {}).update(values)
         else:
             config[section] = values
+    if len(set(config["stages"])) != len(config["stages"]):
+        raise ValueError(f"{path}: a stage is listed twice in stages: {config['stages']}")
     for name in config["stages"]:
         get_step(name)
         settings = config.get(name) or {}

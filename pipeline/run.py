@@ -100,21 +100,29 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False,
             result.seconds = info.get("seconds", {})
             return result
 
-    state: dict = {"path": str(path)}
+    order = list(config["stages"])
+    values: dict = {(-1, "path"): str(path)}  # (index of the producing step, name) -> value
     cache = StageCache(out_dir / known["scan_id"] / "scan.h5") if known.get("scan_id") else None
     pending: dict = {}  # results computed before the scan id (and so the cache) was known
-    value_step: dict[str, str] = {}
-    for name in config["stages"]:
-        for out in get_step(name).outputs:
-            value_step[out] = name
 
-    def value(name_of_value):
-        if name_of_value not in state:
-            run_step(value_step[name_of_value])
-        return state[name_of_value]
+    def producer(name_of_value, before: int) -> int:
+        """Index of the last step before ``before`` that outputs the value (-1: the input path)."""
+        for j in range(before - 1, -1, -1):
+            if name_of_value in get_step(order[j]).outputs:
+                return j
+        if name_of_value == "path":
+            return -1
+        raise ValueError(f"stage {order[before] if before < len(order) else 'output'!r} needs "
+                         f"{name_of_value!r}, which no earlier stage in {order} produces")
 
-    def run_step(name):
+    def value(j: int, name_of_value):
+        if (j, name_of_value) not in values:
+            run_step(j)
+        return values[(j, name_of_value)]
+
+    def run_step(i: int):
         nonlocal cache
+        name = order[i]
         step, key = get_step(name), step_keys[name]
         cached = None
         if cache is not None and not force:
@@ -122,14 +130,14 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False,
             if any(v is None for v in cached.values()):
                 cached = None
         if cached is not None:
-            state.update(cached)
+            values.update({(i, out): v for out, v in cached.items()})
             return
-        inputs = {i: value(i) for i in step.inputs}
+        inputs = {inp: value(producer(inp, i), inp) for inp in step.inputs}
         t0 = time.perf_counter()
         outputs = step.fn(**inputs, **config.get(name, {}))
         result.seconds[name] = round(time.perf_counter() - t0, 3)
         log.info("%s: %s took %.2f s", Path(path).name, name, result.seconds[name])
-        state.update(outputs)
+        values.update({(i, out): outputs[out] for out in step.outputs})
         items = {f"{name}.{out}": (key, outputs[out]) for out in step.outputs}
         if cache is None:
             ct = outputs.get("ct")
@@ -142,9 +150,11 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False,
         cache.put_many(items)
 
     # only the final value of each output name is needed; earlier stages load lazily
-    wanted = [o for o in ("ct_1mm", "lung_mask", "candidates") if o in value_step] or ["ct"]
-    finals = {out: value(out) for out in wanted}
-    scan_id = finals[wanted[0]].scan_id if wanted[0] != "candidates" else state["ct"].scan_id
+    produced = {out for name in order for out in get_step(name).outputs}
+    wanted = [o for o in ("ct_1mm", "lung_mask", "candidates") if o in produced] or ["ct"]
+    finals = {out: value(producer(out, len(order)), out) for out in wanted}
+    first = finals[wanted[0]] if wanted[0] != "candidates" else value(producer("ct", len(order)), "ct")
+    scan_id = first.scan_id
     scan_dir = out_dir / scan_id
     result.scan_id, result.out_dir = scan_id, str(scan_dir)
     write_json({"scan_id": scan_id, "source": str(path)}, index_file)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
@@ -205,3 +206,27 @@ def test_no_patient_identifiers_in_any_output(tmp_path, caplog):
             continue
         assert not [p for p, b in blobs if value.encode() in b], value
         assert value not in caplog.text
+
+
+def test_default_config_screens_with_the_classifier(tmp_path):
+    """The shipped config (stages ... candidates, classify) runs end to end and ranks by probability."""
+    tree = tmp_path / "one"
+    _, truth = _phantom_tree_with_truth(tree)
+    out = tmp_path / "out"
+    assert main(["run", str(tree), "--out", str(out), "--no-progress", "--pictures", "2"]) == 0
+    cands = pd.read_csv(out / "candidates.csv", dtype={"seriesuid": str})
+    assert {"probability", "score", "diameter_mm"} <= set(cands.columns)
+    assert cands["probability"].is_monotonic_decreasing
+    scan_dir = out / truth["seriesuid"].iloc[0]
+    assert (scan_dir / "candidate_01.png").exists() and (scan_dir / "candidate_02.png").exists()
+    # the best-ranked mark is one of the phantom's nodules
+    best = cands.iloc[0][["coordX", "coordY", "coordZ"]].to_numpy(float)
+    dist = np.linalg.norm(truth[["coordX", "coordY", "coordZ"]].to_numpy(float) - best, axis=1)
+    assert (dist <= truth["diameter_mm"].to_numpy() / 2).any()
+
+
+def _phantom_tree_with_truth(root: Path):
+    from pipeline.phantom import write_phantom_scan
+
+    return write_phantom_scan(root / "patient", fmt="dicom", seed=3,
+                              shape_zyx=(60, 160, 160), spacing_mm=(2.5, 1.8, 1.8), n_nodules=3)
