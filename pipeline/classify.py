@@ -75,5 +75,6 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
                             size_mm=pre["size_mm"], spacing_mm=pre["spacing_mm"])
     x = torch.from_numpy(normalize_hu(cubes, tuple(pre["clip_hu"])))
     prob = predict_tta(model, x, n=tta, batch_size=batch_size).numpy().astype(np.float64)
-    out["probability"] = np.round(prob, 6)
+    where = out.columns.get_loc("score") + 1 if "score" in out.columns else len(out.columns)
+    out.insert(where, "probability", np.round(prob, 6))  # LUNA16 columns, score, probability, features
     return out.sort_values(["probability", "score"], ascending=False, kind="stable").reset_index(drop=True)
