@@ -99,11 +99,12 @@ def _walk(folder: Path) -> list[Path]:
     return out
 
 
-def _one(path, out_dir, config, force, pictures) -> ScanResult:
+def _one(path, out_dir, config, force, pictures, prepare_only=False, on_stage=None) -> ScanResult:
     """Process one scan; turn any failure into a one-line error (never raises)."""
     logging.basicConfig(level=logging.WARNING)
     try:
-        result = process_scan(path, out_dir, config, force=force, pictures=pictures)
+        result = process_scan(path, out_dir, config, force=force, pictures=pictures,
+                              prepare_only=prepare_only, on_stage=on_stage)
     except ScanError as exc:
         result = ScanResult(source=str(path), status="failed", error=exc.reason)
     except MemoryError:
@@ -117,9 +118,21 @@ def _one(path, out_dir, config, force, pictures) -> ScanResult:
     return result
 
 
+def first_gpu_stage(config: dict) -> str | None:
+    """The first stage of ``config`` that will run on CUDA (its ``device`` is cuda, or auto
+    with a GPU present), or None."""
+    import torch
+
+    for name in config["stages"]:
+        device = str((config.get(name) or {}).get("device", "")).lower()
+        if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+            return name
+    return None
+
+
 def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, force: bool = False,
              executor: str = "local", scheduler: str | None = None, pictures: int = 5,
-             progress: bool | None = None) -> list[ScanResult]:
+             progress: bool | None = None, gpu_from: str | None = "auto") -> list[ScanResult]:
     """Process ``scans``, then write the run-level files; returns one result per scan.
 
     Parameters
@@ -130,7 +143,12 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
         ``"dask"`` submits scans to the Dask distributed scheduler at ``scheduler``
         (``tcp://host:8786``); every worker must see ``out_dir`` and the scans.
     progress : bool, optional
-        tqdm bar with ETA; default: when stderr is a terminal.
+        tqdm bars with ETA; default: when stderr is a terminal.
+    gpu_from : str, optional
+        With ``workers > 1`` on the local pool: the stages before this one run in the pool
+        (and are cached), this stage and those after it run in this one process, scan after
+        scan, so one CUDA context serves every scan and GPU memory is not split between
+        workers.  ``"auto"``: the first stage that will run on CUDA (none without a GPU).
     """
     from tqdm.auto import tqdm
 
@@ -141,6 +159,11 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
     bar = tqdm(total=len(args), unit="scan", desc="scans",
                disable=not (sys.stderr.isatty() if progress is None else progress))
     results: list[ScanResult] = []
+
+    def stage_shower(source):
+        def show(stage):
+            bar.set_postfix_str(f"{Path(source).name}: {stage}"[:60])
+        return None if bar.disable else show
 
     def collect(res: ScanResult):
         results.append(res)
@@ -157,13 +180,37 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
             for fut in as_completed(futures):
                 collect(fut.result())
     elif workers > 1 and len(args) > 1:
+        split = first_gpu_stage(config) if gpu_from == "auto" else gpu_from
+        cpu_stages = config["stages"][:config["stages"].index(split)] if split else []
         ctx = multiprocessing.get_context("spawn")  # no fork after torch/OpenMP start
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for fut in cf.as_completed([pool.submit(_one, *a) for a in args]):
-                collect(fut.result())
+        if cpu_stages:  # CPU stages in the pool, then the GPU stages here, one scan at a time
+            prep = tqdm(total=len(args), unit="scan", desc="CPU stages", disable=bar.disable)
+            cpu_config = {**config, "stages": cpu_stages}
+            prepared = {}
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futs = {pool.submit(_one, a[0], a[1], cpu_config, a[3], a[4], True): a for a in args}
+                for fut in cf.as_completed(futs):
+                    res = fut.result()
+                    prep.update(1)
+                    if res.status == "failed":
+                        collect(res)
+                    else:
+                        prepared[res.source] = (futs[fut], res)
+            prep.close()
+            for source in sorted(prepared):
+                a, cpu_res = prepared[source]
+                res = _one(*a, on_stage=stage_shower(a[0]))
+                res.seconds = {**cpu_res.seconds, **res.seconds,
+                               "peak_rss_mb": max(cpu_res.seconds.get("peak_rss_mb", 0),
+                                                  res.seconds.get("peak_rss_mb", 0))}
+                collect(res)
+        else:
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                for fut in cf.as_completed([pool.submit(_one, *a) for a in args]):
+                    collect(fut.result())
     else:
         for a in args:
-            collect(_one(*a))
+            collect(_one(*a, on_stage=stage_shower(a[0])))
     bar.close()
     results.sort(key=lambda r: r.source)
     write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,

@@ -72,12 +72,16 @@ def _step_keys(config: dict, input_key: str) -> dict[str, str]:
 
 
 def process_scan(path, out_dir, config: dict, *, force: bool = False,
-                 pictures: int = 5) -> ScanResult:
+                 pictures: int = 5, prepare_only: bool = False, on_stage=None) -> ScanResult:
     """Run ``config['stages']`` on the scan at ``path``; write its outputs under ``out_dir``.
 
     Finished scans are not recomputed: ``OUT_DIR/.sources/<key>.json`` remembers which scan
     id an input produced, and a scan whose ``scan.json`` holds the same stage keys is
     skipped.  A stage whose key matches a result in ``scan.h5`` is loaded, not recomputed.
+
+    ``prepare_only=True`` computes and caches the stages but writes no outputs (the CPU half
+    of a run whose GPU stages then run in one process, see :func:`pipeline.batch.run_many`).
+    ``on_stage(name)`` is called before each stage that is computed (progress display).
 
     Raises
     ------
@@ -133,6 +137,8 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False,
             values.update({(i, out): v for out, v in cached.items()})
             return
         inputs = {inp: value(producer(inp, i), inp) for inp in step.inputs}
+        if on_stage is not None:
+            on_stage(name)
         t0 = time.perf_counter()
         outputs = step.fn(**inputs, **config.get(name, {}))
         result.seconds[name] = round(time.perf_counter() - t0, 3)
@@ -158,6 +164,9 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False,
     scan_dir = out_dir / scan_id
     result.scan_id, result.out_dir = scan_id, str(scan_dir)
     write_json({"scan_id": scan_id, "source": str(path)}, index_file)
+    if prepare_only:
+        result.status = "prepared"
+        return result
 
     t0 = time.perf_counter()
     _write_outputs(scan_dir, finals, pictures=pictures)

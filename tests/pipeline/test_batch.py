@@ -230,3 +230,22 @@ def _phantom_tree_with_truth(root: Path):
 
     return write_phantom_scan(root / "patient", fmt="dicom", seed=3,
                               shape_zyx=(60, 160, 160), spacing_mm=(2.5, 1.8, 1.8), n_nodules=3)
+
+
+def test_gpu_stages_in_one_process_give_the_same_outputs(tmp_path):
+    """CPU stages in a 2-worker pool, later stages in the main process (as with a GPU)."""
+    from pipeline.batch import discover_scans, run_many
+    from pipeline.config import load_config
+
+    tree = tmp_path / "dsb"
+    _phantom_tree(tree, 3, seed0=90)
+    _broken_scans(tree)
+    config = load_config(_config(tmp_path))
+    scans = discover_scans(tree)
+    plain = run_many(scans, tmp_path / "plain", config, progress=False, pictures=0)
+    split = run_many(scans, tmp_path / "split", config, workers=2, gpu_from="candidates",
+                     progress=False, pictures=0)
+    assert [r.status for r in split] == [r.status for r in plain]
+    assert all({"ingest", "lungmask", "candidates"} <= set(r.seconds) for r in split if r.status == "ok")
+    for name in ("candidates.csv", "errors.csv"):
+        assert (tmp_path / "split" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
