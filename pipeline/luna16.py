@@ -116,25 +116,20 @@ def read_seriesuids(root_or_csv) -> list[str]:
 
 
 def read_luna_scan(path):
-    """One ``.mhd`` scan as a :class:`stages.volume.Volume` (``scan_id`` = file stem, dtype as stored).
+    """One LUNA16 ``.mhd``/``.mha`` scan as a :class:`stages.volume.Volume` of int16 HU.
+
+    The same reader as every other scan (:func:`stages.ingest.read_scan`: header size checked
+    before reading, padding to air), with ``scan_id`` the file stem, i.e. LUNA16's seriesuid.
 
     Raises
     ------
     stages.errors.ScanError
-        When SimpleITK cannot read the file.
+        When the file is not a MetaImage or cannot be read.
     """
-    import SimpleITK as sitk
-
     from stages.errors import ScanError
-    from stages.volume import Volume
+    from stages.ingest import read_scan
 
     path = Path(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise ScanError(path, f"SimpleITK cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
-    if img.GetDimension() != 3:
-        raise ScanError(path, f"expected a 3-D image, got {img.GetDimension()}-D")
-    arr = sitk.GetArrayFromImage(img)  # LUNA16 stores int16 HU; other types are kept as they are
-    return Volume.from_sitk_geometry(arr, img.GetSpacing(), img.GetOrigin(), img.GetDirection(),
-                                     scan_id=path.stem, meta={"source": "LUNA16 mhd"})
+    if path.suffix.lower() not in (".mhd", ".mha"):
+        raise ScanError(path, "not a MetaImage (.mhd/.mha) file, the format SimpleITK reads LUNA16 scans in")
+    return read_scan(path)
