@@ -97,8 +97,8 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False,
 
     if not force and known.get("scan_id"):
         done = out_dir / known["scan_id"] / "scan.json"
-        if done.exists() and json.loads(done.read_text()).get("keys") == step_keys:
-            info = json.loads(done.read_text())
+        info = json.loads(done.read_text()) if done.exists() else {}
+        if info.get("keys") == step_keys:
             result.scan_id, result.status = known["scan_id"], "cached"
             result.n_candidates, result.out_dir = info.get("n_candidates", 0), str(done.parent)
             result.seconds = info.get("seconds", {})
