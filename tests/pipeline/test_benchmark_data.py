@@ -153,7 +153,8 @@ def test_sample_position_kinds(rng):
 
 
 # ----------------------------------------------------------------------------- the tree
-SMALL = dict(n_scans=3, shape_zyx=(48, 80, 80), n_real=0, nodules_per_scan=(2, 3), small_findings_per_scan=(1, 1))
+SMALL = dict(n_scans=3, shape_zyx=(48, 80, 80), n_real=0, n_real_other=0, nodules_per_scan=(2, 3),
+             small_findings_per_scan=(1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +231,7 @@ def test_build_is_deterministic_whatever_the_worker_count(small_benchmark, tmp_p
 def test_command_line(tmp_path, capsys, lidc_sqlite):
     pytest.importorskip("pipeline.phantom")
     assert bd.main(["--out", str(tmp_path), "--n-scans", "3", "--shape", "40", "64", "64",
-                    "--n-real", "0", "--workers", "1", "--seed", "2"]) == 0
+                    "--n-real", "0", "--n-real-other", "0", "--workers", "1", "--seed", "2"]) == 0
     printed = capsys.readouterr().out
     assert "train: 1 scans" in printed and "test: 1 scans" in printed
     assert (tmp_path / "manifest.json").is_file() and (tmp_path / "val" / "annotations.csv").is_file()
@@ -243,6 +244,14 @@ def test_build_rejects_bad_settings(tmp_path):
         bd.build_benchmark(tmp_path, real_split="holdout")
     with pytest.raises(ValueError, match="shape_zyx"):
         bd.build_benchmark(tmp_path, shape_zyx=(8, 8, 8))
+    with pytest.raises(ValueError, match="real_part"):
+        bd.build_benchmark(tmp_path, real_part="left")
+    with pytest.raises(ValueError, match="real_other_split"):  # both parts in one split
+        bd.build_benchmark(tmp_path, real_split="test", real_other_split="test")
+    with pytest.raises(ValueError, match="n_real_other=0"):  # the whole CT leaves no other part
+        bd.build_benchmark(tmp_path, real_part="whole", n_real_other=2)
+    with pytest.raises(ValueError, match="part"):
+        bd.lung1_part("left")
 
 
 def test_lung1_background_carries_its_own_nodule(lung1, lidc_sqlite, rng):
@@ -252,6 +261,49 @@ def test_lung1_background_carries_its_own_nodule(lung1, lidc_sqlite, rng):
     assert 10 < finding["diameter_mm"] < 20  # the ~14 mm nodule of lung1_label.nrrd
     c = tuple(np.round(finding["centre_zyx"]).astype(int))
     assert finding["mask"][c] and bg.array[c] > -300
+
+
+def test_lung1_parts_are_disjoint_halves_and_only_the_cranial_one_holds_its_nodule(lung1):
+    whole = bd.lung1_part("whole")
+    cranial, caudal = bd.lung1_part("cranial"), bd.lung1_part("caudal")
+    (c_lo, c_hi), (d_lo, d_hi) = cranial[4], caudal[4]
+    assert d_hi + bd.LUNG1_GAP_MM <= c_lo  # a gap of chest between them, no shared slice
+    assert (d_lo, c_hi) == whole[4]
+    # each part is the whole volume's slices at its z: the same voxels, nothing resampled
+    k = int(round(c_lo - whole[4][0]))
+    assert np.array_equal(cranial[0], whole[0][k:]) and np.array_equal(caudal[0], whole[0][:caudal[0].shape[0]])
+    # split at half the lung volume
+    assert 0.4 < cranial[1].sum() / whole[1].sum() < 0.5 and 0.4 < caudal[1].sum() / whole[1].sum() < 0.5
+    assert cranial[2].sum() == whole[2].sum() > 0 and not caudal[2].any()
+    rng = np.random.default_rng(3)
+    bg_c, bg_d = bd._lung1_background(rng, "cranial"), bd._lung1_background(rng, "caudal")
+    assert (bg_c.name, bg_d.name) == ("lung1-cranial", "lung1-caudal")
+    assert len(bg_c.findings) == 1 and bg_d.findings == []
+    assert bg_c.origin_mm[0] == pytest.approx(c_lo) and bg_d.array.shape == caudal[0].shape
+
+
+def test_lung1_parts_go_to_their_own_splits(lung1, lidc_sqlite, tmp_path):
+    pytest.importorskip("pipeline.phantom")
+    manifest = bd.build_benchmark(tmp_path, n_scans=3, shape_zyx=(40, 64, 64), n_real=1, n_real_other=1,
+                                  nodules_per_scan=(1, 1), small_findings_per_scan=(0, 0), seed=1,
+                                  sqlite_path=lidc_sqlite, workers=1)
+    backgrounds = {s: manifest["splits"][s]["backgrounds"] for s in bd.SPLITS}
+    assert "lung1-cranial" in backgrounds["test"] and "lung1-caudal" in backgrounds["train"]
+    assert not any(b.startswith("lung1") for b in backgrounds["val"])
+    parts = manifest["lung1_parts"]
+    assert parts["lung1-cranial"]["split"] == "test" and parts["lung1-caudal"]["split"] == "train"
+    assert parts["lung1-caudal"]["z_range_mm"][1] < parts["lung1-cranial"]["z_range_mm"][0]
+    # the test scan's z range is the cranial part's, the train scan's the caudal part's
+    from pipeline.luna16 import read_luna_scan
+
+    for split, name in (("test", "lung1-cranial"), ("train", "lung1-caudal")):
+        (mhd,) = sorted((tmp_path / split).glob("*.mhd"))
+        vol = read_luna_scan(mhd)
+        z = [vol.index_to_world([i, 0, 0])[0] for i in (0, vol.shape[0] - 1)]
+        assert z == pytest.approx(parts[name]["z_range_mm"], abs=0.01)
+    # lung1's own nodule is a test finding
+    test_nod = pd.read_csv(tmp_path / "test" / "nodules.csv")
+    assert (test_nod["source"] == "lung1_label").sum() == 1
 
 
 # ----------------------------------------------------------------------------- the sqlite download
