@@ -1,15 +1,24 @@
-"""Benchmark of :mod:`stages.cluster` on lung tissue voxels of the lung1 CT.
+"""Benchmark of candidate clustering (:mod:`stages.cluster`) on the lung tissue of the lung1 CT.
 
 ``python -m pipeline.bench_cluster [--device cpu|cuda] [--out bench] [--points pts.npy]``
 writes ``<out>/cluster.json``; an existing file keeps the other devices' entries (one key per
 device type), so CPU and GPU runs are both recorded.
 
-The point cloud: lung1 resampled to 1 mm, a crude lung mask (air below ``LUNG_HU`` inside
-the body, the large components not touching the in-plane border, holes filled, dilated by
-``MASK_DILATE_MM``), and in it every voxel above ``TISSUE_HU`` (vessels, airway walls, the
-nodule).  Each point is ``(z, y, x)`` in mm, HU and a Hessian shape index; the features
-are divided by ``BANDWIDTH`` inside :func:`stages.cluster.mean_shift`.  ``--save-points``
-writes the cloud as ``.npy`` so a machine without SimpleITK can run the benchmark on it.
+The point cloud is built by the pipeline's own stages: :func:`stages.ingest.read_scan`,
+:func:`stages.resample.resample` to 1 mm, :func:`stages.lungmask.segment_lungs` and
+:func:`stages.features.extract_features` with ``hu_floor=TISSUE_HU``: every lung voxel denser
+than -600 HU (vessels, airway walls, the nodule), as ``(z, y, x)`` mm, HU and shape index,
+clustered with the pipeline's feature scales (``stages.features.SCALE_*``) as the bandwidth.
+The seconds of each of those stages are recorded (``scan``), and the candidates stage on the
+same scan.  ``--save-points`` writes the cloud as ``.npy`` so a machine without SimpleITK can
+run the benchmark on it.
+
+Mean shift runs with two settings (:data:`PRESETS`): ``accurate``, the defaults of
+:func:`stages.cluster.mean_shift` (every point a seed, Gaussian cut at 6 bandwidths, path
+merging), and ``fast`` (Gaussian cut at 3 bandwidths, bin seeding, points pooled in bins of
+one bandwidth).  At each size the exact engine is the reference where it fits the time
+limit; scikit-learn's ``MeanShift(bin_seeding=True)`` (flat kernel) and ``KMeans`` are the
+outside references.
 """
 from __future__ import annotations
 
@@ -25,89 +34,86 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: Air threshold of the crude lung mask (HU).
-LUNG_HU = -400.0
-#: Tissue voxels inside the lung mask: above this (HU).
+#: Clustered voxels: inside the lung mask and denser than this (HU).
 TISSUE_HU = -600.0
-#: Dilation of the lung mask to include the pleura and airway walls (mm).
-MASK_DILATE_MM = 2.0
-#: Gaussian scale of the Hessian for the shape index (mm).
-HESSIAN_SIGMA_MM = 1.5
-#: Mean-shift bandwidth per feature: z, y, x (mm), HU, shape index.
-BANDWIDTH = (5.0, 5.0, 5.0, 150.0, 0.25)
+#: Mean-shift settings compared at every size (keyword arguments of ``mean_shift``).
+PRESETS = {"accurate": {},
+           "fast": {"cutoff": 3.0, "bin_seeding": True, "bin_size": 1.0}}
 #: Clusters for the k-means comparison.
 KMEANS_K = 64
 #: Exact runs and scikit-learn runs longer than this (s) are extrapolated, not run.
 MAX_RUN_S = 60.0
+#: A preset whose time, extrapolated quadratically from the previous size, passes this (s)
+#: is not run at the next size (the accurate preset on a whole lung on 2 CPU cores).
+MAX_PRESET_S = 300.0
 
 
-def shape_index(image, sigma_vox):
-    """Hessian shape index in [0, 1] (1 bright cap, 0.75 ridge, 0.5 saddle) per voxel.
+def _bandwidth():
+    from stages.features import SCALE_HU, SCALE_MM, SCALE_SI
 
-    Principal curvatures of the bright structure are taken as ``k1 >= k2``, the negated two
-    lowest Hessian eigenvalues; ``SI = 1/2 + arctan((k1 + k2) / (k1 - k2)) / pi``.
+    return (SCALE_MM, SCALE_MM, SCALE_MM, SCALE_HU, SCALE_SI)
+
+
+#: Mean-shift bandwidth per feature: z, y, x (mm), HU, shape index (the pipeline's scales).
+BANDWIDTH = _bandwidth()
+
+
+def lung_points_and_timings(image_path=None, device=None):
+    """The tissue cloud of lung1 and the seconds of the stages that made it.
+
+    Returns
+    -------
+    points : (N, 5) float32 ndarray
+        ``z, y, x`` (mm), HU, shape index of every lung voxel above ``TISSUE_HU``.
+    scan : dict
+        Seconds of ``read``, ``resample``, ``segmentation``, ``features`` (shape index of
+        every tissue voxel) and ``candidates`` (:func:`stages.candidates.find_candidates`
+        with its defaults), the lung volume (ml) and the candidates found.
     """
-    from scipy import ndimage
+    from pipeline.data import lung1_paths
+    from stages.candidates import find_candidates
+    from stages.features import extract_features
+    from stages.ingest import read_scan
+    from stages.lungmask import segment_lungs
+    from stages.resample import resample
 
-    img = image.astype(np.float32)
-    comps = {}
-    for a in range(3):
-        for b in range(a, 3):
-            order = [0, 0, 0]
-            order[a] += 1
-            order[b] += 1
-            comps[a, b] = ndimage.gaussian_filter(img, sigma_vox, order=order)
-    return comps
-
-
-def _si_from_hessian(comps, mask):
-    h = np.empty((int(mask.sum()), 3, 3), np.float64)
-    for (a, b), c in comps.items():
-        h[:, a, b] = h[:, b, a] = c[mask]
-    ev = np.linalg.eigvalsh(h)  # ascending
-    k1, k2 = -ev[:, 0], -ev[:, 1]
-    return 0.5 + np.arctan2(k1 + k2, k1 - k2) / np.pi
+    if image_path is None:
+        image_path = lung1_paths()[0]
+    t = {}
+    t0 = time.perf_counter()
+    vol = read_scan(image_path)
+    t["read_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    vol = resample(vol, (1.0, 1.0, 1.0), device=device)
+    t["resample_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mask = segment_lungs(vol)
+    t["segmentation_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scaled, _ = extract_features(vol, mask, hu_floor=TISSUE_HU)
+    t["features_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cands = find_candidates(vol, mask, device=device)
+    t["candidates_s"] = time.perf_counter() - t0
+    scan = {k: round(v, 3) for k, v in t.items()}
+    scan.update(shape_zyx=list(vol.shape), lung_ml=round(float((mask.array != 0).sum()) / 1000.0, 1),
+                n_tissue_points=int(len(scaled)), n_candidates=int(len(cands)))
+    return (scaled * np.asarray(BANDWIDTH, np.float32)).astype(np.float32), scan
 
 
 def build_lung_points(image_path=None) -> np.ndarray:
     """(N, 5) float32 ``z, y, x`` (mm), HU, shape index of the lung tissue voxels of lung1."""
-    import SimpleITK as sitk
-    from scipy import ndimage
-
-    from pipeline.data import lung1_paths
-
-    if image_path is None:
-        image_path = lung1_paths()[0]
-    img = sitk.ReadImage(str(image_path))
-    spacing = (1.0, 1.0, 1.0)
-    # stay inside the scanned extent: padding would join the lungs to the outside air
-    size = [int((n - 1) * s / t) + 1 for n, s, t in zip(img.GetSize(), img.GetSpacing(), spacing)]
-    res = sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), spacing,
-                        img.GetDirection(), -1024.0, sitk.sitkFloat32)
-    hu = sitk.GetArrayFromImage(res)  # (z, y, x), 1 mm
-    air = hu < LUNG_HU
-    lab, n = ndimage.label(air)
-    border = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(),
-                                       lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    sizes[border] = 0
-    sizes[0] = 0
-    keep = np.nonzero(sizes >= 0.2 * sizes.max())[0]
-    lung = np.isin(lab, keep)
-    lung = np.stack([ndimage.binary_fill_holes(s) for s in lung])
-    lung = ndimage.binary_dilation(lung, iterations=int(round(MASK_DILATE_MM)))
-    tissue = lung & (hu > TISSUE_HU)
-    zz, yy, xx = np.nonzero(tissue)
-    box = tuple(slice(max(0, v.min() - 8), v.max() + 9) for v in (zz, yy, xx))
-    comps = shape_index(hu[box], HESSIAN_SIGMA_MM)
-    si = _si_from_hessian(comps, tissue[box])
-    pts = np.stack([zz, yy, xx, hu[tissue], si], 1).astype(np.float32)
-    return pts
+    return lung_points_and_timings(image_path)[0]
 
 
 def _timed(fn, *args, **kwargs):
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
+    sync()
     return out, time.perf_counter() - t0
 
 
@@ -127,72 +133,106 @@ def _exact_per_iter(pts, device, n_probe=2000):
     return sec * len(pts) / len(seeds)
 
 
-def run(points, device, *, sizes=(20_000, 100_000), skip_sklearn=False, cutoff=3.0) -> dict:
-    """Run every comparison on ``points`` (N, 5) and return the record for one device."""
-    import torch
+def _run_size(sub, dev, presets, skip_sklearn, previous=None):
     from sklearn.cluster import KMeans, MeanShift
     from sklearn.metrics import adjusted_rand_score
 
-    from stages.cluster import kmeans, mean_shift, resolve_device
+    from stages.cluster import kmeans, mean_shift
 
+    n = len(sub)
+    r = {"n_points": int(n)}
+    for name, kw in list(presets.items()):
+        prev = (previous or {}).get(name, {})
+        if "seconds" in prev or "skipped" in prev:
+            est = prev.get("estimated_seconds", prev.get("seconds", 0.0)) * (n / previous["n_points"]) ** 2
+            if est > MAX_PRESET_S:
+                r[name] = {"skipped": f"estimated {est:.0f} s > {MAX_PRESET_S:.0f} s (quadratic "
+                                      f"from {previous['n_points']} points)",
+                           "estimated_seconds": round(est, 1), "settings": kw}
+                continue
+        res, sec = _timed(mean_shift, sub, BANDWIDTH, mode="grid", device=dev, **kw)
+        r[name] = dict(_ms_record(res, sec, n), settings=kw)
+        r[name]["_labels"] = res.labels
+    ran = [name for name in presets if "_labels" in r[name]]
+    per_iter = _exact_per_iter(sub, dev)
+    r["exact_per_iter_s"] = round(per_iter, 4)
+    est = per_iter * 50  # upper bound: converged seeds drop out
+    if est <= MAX_RUN_S or (n <= 20_000 and est <= 10 * MAX_RUN_S):  # the ARI reference
+        exact, sec = _timed(mean_shift, sub, BANDWIDTH, mode="exact", device=dev)
+        r["exact"] = _ms_record(exact, sec, n)
+        for name in ran:
+            r[name]["ari_vs_exact"] = round(float(adjusted_rand_score(exact.labels,
+                                                                      r[name]["_labels"])), 5)
+            r[name]["speedup_vs_exact"] = round(r["exact"]["seconds"] / r[name]["seconds"], 1)
+    else:
+        r["exact"] = {"skipped": f"estimated {per_iter:.2f} s per iteration x up to 50 "
+                                 f"iterations > {MAX_RUN_S:.0f} s"}
+    for name in ran:
+        del r[name]["_labels"]
+    # scikit-learn's MeanShift is a flat kernel: compare with ours, flat, same bins
+    scaled = sub / np.asarray(BANDWIDTH)
+    flat, sec = _timed(mean_shift, scaled, 1.0, kernel="flat", mode="grid", bin_seeding=True,
+                       device=dev)
+    r["grid_flat"] = _ms_record(flat, sec, n)
+    if not skip_sklearn:
+        probe = scaled[np.linspace(0, n - 1, min(n, 2000)).astype(int)]
+        _, sec_probe = _timed(MeanShift(bandwidth=1.0, bin_seeding=True, n_jobs=-1).fit, probe)
+        est = sec_probe * (n / len(probe)) ** 2
+        r["sklearn_probe"] = {"n_points": len(probe), "seconds": round(sec_probe, 3),
+                              "extrapolated_seconds_at_n": round(est, 1)}
+        if est <= MAX_RUN_S:
+            sk, sec = _timed(MeanShift(bandwidth=1.0, bin_seeding=True, n_jobs=-1).fit, scaled)
+            r["sklearn_meanshift"] = {"seconds": round(sec, 3),
+                                      "n_clusters": int(len(sk.cluster_centers_)),
+                                      "points_per_s": round(n / sec, 1)}
+            r["ari_grid_flat_vs_sklearn"] = round(float(adjusted_rand_score(sk.labels_,
+                                                                           flat.labels)), 5)
+        else:
+            r["sklearn_meanshift"] = {"skipped": f"extrapolated {est:.0f} s > {MAX_RUN_S:.0f} s "
+                                                 f"(quadratic from {len(probe)} points)"}
+    for init in ("farthest", "k-means++"):
+        km, sec = _timed(kmeans, scaled, KMEANS_K, init=init, device=dev)
+        r[f"kmeans_{init}"] = {"seconds": round(sec, 4), "n_iter": km.n_iter,
+                               "inertia": round(km.inertia, 2), "points_per_s": round(n / sec, 1)}
+    if not skip_sklearn:
+        skm, sec = _timed(KMeans(KMEANS_K, n_init=1, random_state=0).fit, scaled)
+        r["sklearn_kmeans"] = {"seconds": round(sec, 4), "n_iter": int(skm.n_iter_),
+                               "inertia": round(float(skm.inertia_), 2),
+                               "points_per_s": round(n / sec, 1)}
+    return r
+
+
+def run(points, device, *, sizes=(20_000, 100_000), presets=None, skip_sklearn=False,
+        scan=None) -> dict:
+    """Run every comparison on ``points`` (N, 5) and return the record for one device."""
+    import torch
+
+    from stages.cluster import mean_shift, resolve_device
+
+    presets = PRESETS if presets is None else presets
     dev = resolve_device(device)
     rng = np.random.default_rng(0)
     rec = {"device": str(dev), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "machine": platform.node(),
            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-           "bandwidth": list(BANDWIDTH), "cutoff": cutoff, "n_total_points": int(len(points)),
+           "bandwidth": list(BANDWIDTH), "n_total_points": int(len(points)),
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": {}}
+    if scan is not None:
+        rec["scan"] = scan
     mean_shift(points[:500], BANDWIDTH, device=dev)  # warm-up (CUDA context, kernels)
     mean_shift(points[:6000], BANDWIDTH, mode="grid", device=dev)
     targets = [(str(n), n) for n in sizes if n < len(points)] + [("whole_lung", len(points))]
+    previous = None
     for name, n in targets:
         sub = points if n >= len(points) else points[np.sort(rng.choice(len(points), n, replace=False))]
-        r = {"n_points": int(n)}
         log.info("%s: %d points", name, n)
-        grid, sec = _timed(mean_shift, sub, BANDWIDTH, mode="grid", cutoff=cutoff, device=dev)
-        r["grid"] = _ms_record(grid, sec, n)
-        per_iter = _exact_per_iter(sub, dev)
-        r["exact_per_iter_s"] = round(per_iter, 4)
-        est = per_iter * 50  # upper bound: converged seeds drop out
-        if est <= MAX_RUN_S or (n <= 20_000 and est <= 10 * MAX_RUN_S):  # the ARI reference
-            exact, sec = _timed(mean_shift, sub, BANDWIDTH, mode="exact", device=dev)
-            r["exact"] = _ms_record(exact, sec, n)
-            r["ari_grid_vs_exact"] = round(float(adjusted_rand_score(exact.labels, grid.labels)), 5)
-            r["speedup_grid_vs_exact"] = round(r["exact"]["seconds"] / r["grid"]["seconds"], 1)
-        else:
-            r["exact"] = {"skipped": f"estimated {per_iter:.2f} s per iteration x up to 50 "
-                                     f"iterations > {MAX_RUN_S:.0f} s"}
-        # scikit-learn's MeanShift is a flat kernel: compare with ours, flat, same bins
-        scaled = sub / np.asarray(BANDWIDTH)
-        flat, sec = _timed(mean_shift, scaled, 1.0, kernel="flat", mode="grid", device=dev)
-        r["grid_flat"] = _ms_record(flat, sec, n)
-        if not skip_sklearn:
-            probe = scaled[np.linspace(0, n - 1, min(n, 2000)).astype(int)]
-            _, sec_probe = _timed(MeanShift(bandwidth=1.0, bin_seeding=True, n_jobs=-1).fit, probe)
-            est = sec_probe * (n / len(probe)) ** 2
-            r["sklearn_probe"] = {"n_points": len(probe), "seconds": round(sec_probe, 3),
-                                  "extrapolated_seconds_at_n": round(est, 1)}
-            if est <= MAX_RUN_S:
-                sk, sec = _timed(MeanShift(bandwidth=1.0, bin_seeding=True, n_jobs=-1).fit, scaled)
-                r["sklearn_meanshift"] = {"seconds": round(sec, 3),
-                                          "n_clusters": int(len(sk.cluster_centers_)),
-                                          "points_per_s": round(n / sec, 1)}
-                r["ari_grid_flat_vs_sklearn"] = round(float(adjusted_rand_score(sk.labels_,
-                                                                               flat.labels)), 5)
-            else:
-                r["sklearn_meanshift"] = {"skipped": f"extrapolated {est:.0f} s > {MAX_RUN_S:.0f} s "
-                                                     f"(quadratic from {len(probe)} points)"}
-        for init in ("farthest", "k-means++"):
-            km, sec = _timed(kmeans, scaled, KMEANS_K, init=init, device=dev)
-            r[f"kmeans_{init}"] = {"seconds": round(sec, 4), "n_iter": km.n_iter,
-                                   "inertia": round(km.inertia, 2), "points_per_s": round(n / sec, 1)}
-        if not skip_sklearn:
-            skm, sec = _timed(KMeans(KMEANS_K, n_init=1, random_state=0).fit, scaled)
-            r["sklearn_kmeans"] = {"seconds": round(sec, 4), "n_iter": int(skm.n_iter_),
-                                   "inertia": round(float(skm.inertia_), 2),
-                                   "points_per_s": round(n / sec, 1)}
-        rec["runs"][name] = r
-        log.info("%s", json.dumps(r))
+        rec["runs"][name] = previous = _run_size(sub, dev, presets, skip_sklearn, previous)
+        log.info("%s", json.dumps(rec["runs"][name]))
+    if scan is not None:  # the whole-lung clustering, per scan, next to the other stages
+        whole = rec["runs"]["whole_lung"]
+        scan["clustering"] = {k: ({"seconds": whole[k]["seconds"], "n_points": whole["n_points"],
+                                   "n_iter": whole[k]["n_iter"], "n_clusters": whole[k]["n_clusters"]}
+                                  if "seconds" in whole[k] else whole[k]) for k in presets}
     return rec
 
 
@@ -205,16 +245,25 @@ def main(argv=None) -> int:
     p.add_argument("--points", default=None, help=".npy point cloud (N, 5); default: build from lung1")
     p.add_argument("--save-points", default=None, help="write the built point cloud here (.npy)")
     p.add_argument("--sizes", default="20000,100000", help="subsample sizes, comma-separated")
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated: " + ",".join(PRESETS))
     p.add_argument("--skip-sklearn", action="store_true")
-    p.add_argument("--cutoff", type=float, default=3.0, help="grid engine kernel cutoff (bandwidths)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    points = np.load(args.points) if args.points else build_lung_points()
+    unknown = set(args.presets.split(",")) - set(PRESETS)
+    if unknown:
+        p.error(f"unknown presets {sorted(unknown)}; choose from {', '.join(PRESETS)}")
+    scan = None
+    if args.points:
+        points = np.load(args.points)
+    else:
+        points, scan = lung_points_and_timings(device=args.device)
     if args.save_points:
         Path(args.save_points).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.save_points, points)
     sizes = tuple(int(s) for s in args.sizes.split(",") if s)
-    rec = run(points, args.device, sizes=sizes, skip_sklearn=args.skip_sklearn, cutoff=args.cutoff)
+    presets = {k: PRESETS[k] for k in args.presets.split(",")}
+    rec = run(points, args.device, sizes=sizes, presets=presets, skip_sklearn=args.skip_sklearn,
+              scan=scan)
     out = Path(args.out) / "cluster.json"
     data = json.loads(out.read_text()) if out.exists() else {}
     data[rec["device"].split(":")[0]] = rec

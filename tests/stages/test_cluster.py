@@ -76,7 +76,10 @@ def test_grid_agrees_with_exact_on_5d_clusters():
     pts = np.concatenate([c + rng.normal(0, 0.5, (s, 5)) for c, s in zip(centres, sizes)])
     exact = mean_shift(pts, 1.0, mode="exact", device="cpu")
     grid = mean_shift(pts, 1.0, mode="grid", device="cpu")
-    assert grid.n_seeds < exact.n_seeds / 2  # bin seeding
+    assert grid.n_seeds == exact.n_seeds  # every point seeds by default
+    binned = mean_shift(pts, 1.0, mode="grid", bin_seeding=True, cutoff=3.0, device="cpu")
+    assert binned.n_seeds < exact.n_seeds / 2
+    assert adjusted_rand_score(exact.labels, binned.labels) >= 0.99
     assert len(grid.centres) == len(exact.centres) == 10
     assert adjusted_rand_score(exact.labels, grid.labels) >= 0.99
     for c in exact.centres:
@@ -113,10 +116,14 @@ def test_hashed_dimensions_do_not_change_result(rng):
 
 
 def test_lung1_point_cloud(lung1):
-    from pipeline.bench_cluster import BANDWIDTH, build_lung_points
+    from pipeline.bench_cluster import BANDWIDTH, lung_points_and_timings
 
-    pts = build_lung_points(lung1[0])
+    pts, scan = lung_points_and_timings(lung1[0], device="cpu")
     assert pts.shape[1] == len(BANDWIDTH) == 5 and len(pts) > 100_000
+    assert scan["n_tissue_points"] == len(pts)
+    for stage in ("read_s", "resample_s", "segmentation_s", "features_s", "candidates_s"):
+        assert scan[stage] > 0
+    assert 2000 < scan["lung_ml"] < 8000 and 1 <= scan["n_candidates"] <= 30
     assert pts[:, 3].min() > -600.0  # tissue only
     assert 0.0 <= pts[:, 4].min() and pts[:, 4].max() <= 1.0  # shape index
     sub = pts[np.random.default_rng(0).choice(len(pts), 800, replace=False)]
@@ -255,6 +262,7 @@ def test_kmeans_input_errors(kwargs, exc, match):
 def test_bench_cli_writes_and_merges_json(tmp_path):
     import json
 
+    from pipeline import bench_cluster
     from pipeline.bench_cluster import BANDWIDTH, main
 
     pts = vessel_like(np.random.default_rng(1), n_tubes=2, n_per=80) * np.asarray(BANDWIDTH)
@@ -268,5 +276,22 @@ def test_bench_cli_writes_and_merges_json(tmp_path):
     runs = data["cpu"]["runs"]
     assert set(runs) == {"150", "whole_lung"}
     assert runs["whole_lung"]["n_points"] == len(pts)
-    assert 0.0 <= runs["150"]["ari_grid_vs_exact"] <= 1.0
-    assert runs["150"]["grid"]["n_clusters"] >= 1
+    for preset in ("accurate", "fast"):
+        assert 0.0 <= runs["150"][preset]["ari_vs_exact"] <= 1.0
+        assert runs["150"][preset]["n_clusters"] >= 1
+        assert runs["150"][preset]["settings"] == bench_cluster.PRESETS[preset]
+    assert runs["150"]["accurate"]["n_seeds"] == 150  # every point seeds
+    assert runs["150"]["fast"]["n_seeds"] < 150  # bin seeding
+    assert "scan" not in data["cpu"]  # no scan timings for a given cloud
+
+
+def test_bench_skips_a_preset_whose_extrapolated_time_is_too_long(monkeypatch):
+    from pipeline import bench_cluster
+
+    pts = vessel_like(np.random.default_rng(2), n_tubes=2, n_per=60) * np.asarray(bench_cluster.BANDWIDTH)
+    monkeypatch.setattr(bench_cluster, "MAX_PRESET_S", 100.0)
+    previous = {"n_points": len(pts) // 2, "accurate": {"seconds": 30.0}, "fast": {"seconds": 1.0}}
+    r = bench_cluster._run_size(pts, "cpu", bench_cluster.PRESETS, True, previous)
+    assert r["accurate"]["estimated_seconds"] == pytest.approx(30.0 * (len(pts) / (len(pts) // 2)) ** 2, rel=1e-3)
+    assert "skipped" in r["accurate"] and "seconds" not in r["accurate"]
+    assert r["fast"]["seconds"] > 0 and "ari_vs_exact" in r["fast"]
