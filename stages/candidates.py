@@ -13,18 +13,30 @@ How :func:`find_candidates` works
    seeds (``method="kmeans"``).  Each point then belongs to its nearest mode/centre and,
    to keep one blob one cluster, to the connected component it lies in: a cluster is the
    points of one component sharing one mode.
-3. **Measures** per cluster (world mm): centre (mean position), diameter (mean extent along
+3. **Measures** per cluster (world mm): centre (mean position weighted by
+   ``(HU - hu_floor) ** centre_hu_power``, so that the mark sits on the dense core of a
+   nodule whose cluster also holds a faint rim or a bump of the wall next to it), diameter (mean extent along
    the three principal axes), sphericity (square root of the smallest over the largest
    principal variance, 1 for a ball), volume, mean HU, mean shape index and the distance
    from the centre to the lung's border (``dist_to_pleura_mm``; 0 or less means on or past
    it, juxta-pleural).
 4. **Rules**: diameter in ``[min_diameter_mm, max_diameter_mm]``, sphericity at least
    ``min_sphericity`` (drops vessel pieces) and at least ``min_voxels`` points.
-5. **Score**: ``sphericity * si_term * size_term`` with ``si_term`` the mean shape index
-   rescaled from [0.75 (tube), 1 (cap)] to [0, 1] and ``size_term = 1 - exp(-volume /
-   ref_volume_mm3)`` (vessel branchings are small).  A candidate whose centre lies within
+5. **Score**: ``sphericity * si_term ** 2 * size_term`` with ``si_term`` the mean shape
+   index rescaled from [``SCORE_SI_LOW`` = 0.8, 1 (cap)] to [0, 1] and ``size_term = 1 -
+   exp(-volume / ref_volume_mm3)`` (vessel branchings are small).  The squared shape-index
+   term puts small blobs (juxta-pleural nodules: half balls, low sphericity) ahead of vessel
+   bends and branchings: on the benchmark's train / validation scans (``data/bench48``),
+   recall at 30 candidates per scan went from 0.82 / 0.90 with the linear term from 0.75 to
+   0.85 / 0.90, at 100 per scan from 0.89 / 0.95 to 0.89 / 1.00.  A candidate whose centre lies within
    a better one's radius is dropped (one blob, one candidate); the best ``max_candidates``
    are kept, best first.
+6. **One blob, one candidate**: before that, candidates whose centres lie in the same
+   *compact dense blob* (a 26-connected component of lung voxels denser than
+   ``blob_hu``, no more than ``max_diameter_mm`` across along every axis: a solid nodule
+   standing free, not a vessel tree) are merged into the biggest of them, which takes
+   their best score.  A large lobulated nodule otherwise gives a mark per lobe, and a
+   mark on a lobe outside the nodule's radius is a false positive in LUNA16's FROC.
 """
 from __future__ import annotations
 
@@ -60,8 +72,20 @@ MAX_DIAMETER_MM = 30.0
 MIN_SPHERICITY = 0.25
 #: Fewest points in a candidate.
 MIN_VOXELS = 8
+#: The score's shape-index term is the mean shape index rescaled from [SCORE_SI_LOW, 1] to
+#: [0, 1], squared: blobs (about 0.9 and more) well above vessel bends and branchings.
+SCORE_SI_LOW = 0.8
+SCORE_SI_POWER = 2.0
 #: Volume (mm^3) at which the size term reaches 63 %: a 6 mm sphere.
 REF_VOLUME_MM3 = 113.0
+#: The mark is the mean of the cluster's voxels weighted by ``(HU - hu_floor) ** power``:
+#: 0 is the plain mean; 2 keeps the mark on a small nodule's dense core when the cluster
+#: also holds its faint partial-volume rim or a touching vessel or wall bump (a 4.5 mm
+#: juxta-pleural nodule's mark moved from 3.3 to 0.8 mm off its centre).
+CENTRE_HU_POWER = 2.0
+#: Voxels denser than this (HU) make the blobs of the one-blob-one-candidate merge (solid
+#: nodules, vessels; ground glass is lighter and is never merged).
+BLOB_HU = -400.0
 #: Half-size (mm) of the box searched for the lung border around a candidate.
 PLEURA_SEARCH_MM = 20.0
 
@@ -107,6 +131,33 @@ def _dist_to_pleura(mask: np.ndarray, spacing, centre_idx, search_mm) -> float:
     return float(ndi.distance_transform_edt(sub, sampling=spacing)[local])
 
 
+def _one_per_compact_blob(rows, vol: Volume, lung: np.ndarray, blob_hu: float, max_extent_mm: float):
+    """Merge the candidate rows whose centre voxels lie in one compact dense blob (step 6)."""
+    dense = (vol.array > blob_hu) & lung
+    labels, _ = ndi.label(dense, structure=np.ones((3, 3, 3), bool))
+    boxes = ndi.find_objects(labels)
+    spacing = np.asarray(vol.spacing_mm)
+    idx = np.round(vol.world_to_index(np.array([r[0] for r in rows]))).astype(int)
+    idx = np.clip(idx, 0, np.asarray(vol.shape) - 1)
+    groups: dict[int, list[int]] = {}
+    for i, blob in enumerate(labels[tuple(idx.T)]):
+        if blob == 0:
+            continue
+        extent_mm = np.array([b.stop - b.start for b in boxes[blob - 1]]) * spacing
+        if np.all(extent_mm <= max_extent_mm):
+            groups.setdefault(int(blob), []).append(i)
+    drop = set()
+    out = list(rows)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        biggest = max(members, key=lambda i: rows[i][3])
+        best_score = max(rows[i][2] for i in members)
+        out[biggest] = (rows[biggest][0], rows[biggest][1], best_score, *rows[biggest][3:])
+        drop.update(i for i in members if i != biggest)
+    return [r for i, r in enumerate(out) if i not in drop]
+
+
 def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
                     bandwidth: float = BANDWIDTH, max_candidates: int = MAX_CANDIDATES,
                     hu_floor: float = HU_FLOOR, si_floor: float = SI_FLOOR,
@@ -117,6 +168,7 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
                     min_sphericity: float = MIN_SPHERICITY, min_voxels: int = MIN_VOXELS,
                     ref_volume_mm3: float = REF_VOLUME_MM3, mean_shift_max_iter: int = 20,
                     kernel: str = "gaussian", density_stride: int = DENSITY_STRIDE,
+                    centre_hu_power: float = CENTRE_HU_POWER, blob_hu: float | None = BLOB_HU,
                     device=None, seed: int = 0) -> pd.DataFrame:
     """Find nodule candidates in the lungs of a CT volume.
 
@@ -150,6 +202,12 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
         Mean-shift kernel.
     density_stride : int
         Sub-grid step (voxels) of the points the density is estimated on (1: all).
+    centre_hu_power : float
+        The mark is the cluster's mean position weighted by ``(HU - hu_floor) **
+        centre_hu_power`` (0: plain mean); the measures use the plain mean.
+    blob_hu : float or None
+        Candidates in one compact blob of voxels denser than this (HU) are merged into
+        the biggest (step 6); ``None`` turns the merge off.
     device : str, optional
         Torch device for the clustering; ``None``: CUDA when available, else CPU.
     seed : int
@@ -181,6 +239,8 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     _check(vol, mask)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if not np.isfinite(centre_hu_power) or centre_hu_power < 0:
+        raise ValueError(f"centre_hu_power must be a finite number >= 0, got {centre_hu_power!r}")
     for name, value in (("bandwidth", bandwidth), ("max_diameter_mm", max_diameter_mm),
                         ("ref_volume_mm3", ref_volume_mm3)):
         if not np.isfinite(value) or value <= 0:
@@ -246,10 +306,13 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
         if n < min_voxels:
             continue
         w = world[members]
-        centre = w.mean(axis=0)
-        cov = np.cov((w - centre).T) if n > 1 else np.zeros((3, 3))
+        mean = w.mean(axis=0)
+        cov = np.cov((w - mean).T) if n > 1 else np.zeros((3, 3))
         evals, evecs = np.linalg.eigh(cov)
-        proj = (w - centre) @ evecs
+        proj = (w - mean) @ evecs
+        # the mark: the density-weighted centre, on the dense core rather than the faint rim
+        weight = np.clip(hu[members] - hu_floor, 0.0, None) ** centre_hu_power
+        centre = (w * weight[:, None]).sum(axis=0) / weight.sum() if weight.sum() > 0 else mean
         extent = proj.max(axis=0) - proj.min(axis=0) + spacing.mean()
         diameter = float(extent.mean())
         sphericity = float(np.sqrt(max(evals[0], 0) / evals[2])) if evals[2] > 0 else 1.0
@@ -257,13 +320,15 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
             continue
         volume = n * voxel_mm3
         mean_si = float(si[members].mean())
-        si_term = float(np.clip((mean_si - 0.75) / 0.25, 0.0, 1.0))
+        si_term = float(np.clip((mean_si - SCORE_SI_LOW) / (1.0 - SCORE_SI_LOW), 0.0, 1.0))
         size_term = 1.0 - np.exp(-volume / ref_volume_mm3)
-        score = sphericity * si_term * size_term
+        score = sphericity * si_term ** SCORE_SI_POWER * size_term
         rows.append((centre, diameter, score, volume, float(hu[members].mean()), mean_si,
                      sphericity, n))
     if not rows:
         return _empty(vol.scan_id)
+    if blob_hu is not None:
+        rows = _one_per_compact_blob(rows, vol, lung, blob_hu, max_diameter_mm)
     rows.sort(key=lambda r: -r[2])
     # one blob, one candidate: drop a candidate whose centre lies inside a better one
     kept = []

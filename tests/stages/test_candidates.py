@@ -139,3 +139,48 @@ def test_lung1_nodule_in_top_three(lung1):
     assert d[:3].min() < 7.0  # radius of the ~14 mm nodule
     best = cands.iloc[int(np.argmin(d[:3]))]
     assert 8.0 < best["diameter_mm"] < 25.0
+
+
+def test_mark_sits_on_the_dense_core_of_a_blob_with_a_faint_part():
+    """A 3 mm-radius solid ball fused with a ground-glass lobe 4 mm to its side: one cluster.
+    The plain mean of its voxels lies 2.4 mm towards the faint lobe; the HU-weighted mark
+    (``centre_hu_power=2``, the default) stays on the solid core."""
+    z, y, x = np.mgrid[:40, :40, :40]
+    arr = np.full((40, 40, 40), -850, np.int16)
+    arr[(z - 20) ** 2 + (y - 20) ** 2 + (x - 21) ** 2 <= 9] = 20
+    arr[((z - 20) ** 2 + (y - 20) ** 2 + (x - 25) ** 2 <= 12) & (arr < 0)] = -550
+    vol = Volume(arr, spacing_mm=(1, 1, 1), scan_id="lobed")
+    mask = vol.with_array(np.ones(arr.shape, np.uint8))
+    core = np.array([21.0, 20.0, 20.0])  # (x, y, z) of the solid ball
+    plain = find_candidates(vol, mask, device="cpu", centre_hu_power=0.0)
+    weighted = find_candidates(vol, mask, device="cpu")
+    assert len(plain) == len(weighted) == 1
+    d_plain = np.linalg.norm(plain.loc[0, ["coordX", "coordY", "coordZ"]].to_numpy(float) - core)
+    d_weighted = np.linalg.norm(weighted.loc[0, ["coordX", "coordY", "coordZ"]].to_numpy(float) - core)
+    assert d_plain > 2.0 and d_weighted < 0.5
+    # the measures do not depend on where the mark is
+    cols = ["diameter_mm", "volume_mm3", "mean_hu", "sphericity", "n_voxels"]
+    assert np.allclose(plain[cols].to_numpy(float), weighted[cols].to_numpy(float))
+    with pytest.raises(ValueError, match="centre_hu_power"):
+        find_candidates(vol, mask, device="cpu", centre_hu_power=-1.0)
+
+
+def test_one_candidate_per_compact_dense_blob():
+    """Two solid balls joined by a thin solid bridge: two clusters (the bridge is a tube, not
+    a candidate point), one compact dense blob.  The merge keeps the bigger ball's mark with
+    the best score of the two; a blob wider than max_diameter_mm (a vessel tree) is not merged."""
+    z, y, x = np.mgrid[:48, :48, :64]
+    arr = np.full(z.shape, -850, np.int16)
+    arr[22:25, 23:25, 26:36] = 30
+    for cx, r in ((20, 6), (38, 4)):
+        arr[(z - 24) ** 2 + (y - 24) ** 2 + (x - cx) ** 2 <= r * r] = 30
+    vol = Volume(arr, spacing_mm=(1, 1, 1), scan_id="dumbbell")
+    mask = vol.with_array(np.ones(arr.shape, np.uint8))
+    apart = find_candidates(vol, mask, device="cpu", blob_hu=None)
+    merged = find_candidates(vol, mask, device="cpu")
+    assert sorted(apart["coordX"].round().tolist()) == [20.0, 38.0]
+    assert len(merged) == 1 and round(merged.loc[0, "coordX"]) == 20.0
+    assert merged.loc[0, "score"] == pytest.approx(apart["score"].max())
+    assert merged.loc[0, "volume_mm3"] == apart["volume_mm3"].max()
+    # the blob spans 29 mm along x: with a 25 mm limit it is no nodule and nothing is merged
+    assert len(find_candidates(vol, mask, device="cpu", max_diameter_mm=25.0)) == 2
