@@ -30,14 +30,16 @@ resampled, cropped to the lungs, left-right flipped and shifted per scan) and sy
 chests from :func:`pipeline.phantom.make_phantom`.
 
 lung1 is the only real CT, so it is cut into two **disjoint parts** that count as two
-backgrounds (:func:`lung1_part`): ``lung1-cranial`` (apex to mid-chest, holding lung1's own
-~14 mm nodule) and ``lung1-caudal`` (mid-chest to the base), split at the axial plane that
-halves the lung volume with ``LUNG1_GAP_MM`` of chest between them that is in neither.  By
-default the cranial part is the background of ``n_real`` scans of ``real_split`` (test) and
-the caudal part of ``n_real_other`` scans of ``real_other_split`` (train): training sees
-real-CT anatomy (vessels, airways, chest wall, diaphragm) and no voxel of a test scan.
-``real_part="whole"`` (with ``n_real_other=0``) gives the older benchmark, the whole lung1
-in one split.  Each scan receives 1-4 nodules at
+backgrounds (:func:`lung1_part`): ``lung1-right`` (the patient's right lung, holding
+lung1's own ~14 mm nodule) and ``lung1-left``, cut at the sagittal plane through the
+mediastinum with ``LUNG1_GAP_MM`` of chest between them that is in neither; each part's
+cut face is closed by a slab of soft tissue.  By default the right part is the background
+of ``n_real`` scans of ``real_split`` (test) and the left part of ``n_real_other`` scans of
+``real_other_split`` (train): training sees real-CT anatomy (vessels, airways, hilum,
+chest wall, apex to base) and no voxel of a test scan.  (A cranial / caudal cut is also
+available; it puts most of the hilum on one side, and a classifier trained on the caudal
+part scored hilar structures of the cranial part as nodules.)  ``real_part="whole"``
+(with ``n_real_other=0``) gives the older benchmark, the whole lung1 in one split.  Each scan receives 1-4 nodules at
 positions sampled inside the lung mask: in the parenchyma, touching the pleura
 (juxta-pleural) or touching a vessel.  Nodule density follows the LIDC texture rating
 (1-2 ground glass, 3 part-solid: ground-glass halo with a solid core, 4-5 solid); a
@@ -56,8 +58,8 @@ Truth, LUNA16 style, one folder per split (train / val / test)::
 
 Splits are disjoint by background (each lung1 part, and each phantom, is in one split
 only; the lung1 *patient* is in two splits, through disjoint parts of the chest) and by
-LIDC patient.  ``manifest.json`` records each part's z range (world mm) and split under
-``lung1_parts``.  Everything is seeded: the same arguments give the same files.
+LIDC patient.  ``manifest.json`` records each part's cut axis, range (world mm) and split
+under ``lung1_parts``.  Everything is seeded: the same arguments give the same files.
 """
 from __future__ import annotations
 
@@ -114,10 +116,15 @@ RATINGS = ("subtlety", "internalStructure", "calcification", "sphericity", "marg
 #: Columns of nodules.csv (``included`` is inserted after ``diameter_mm``).
 NODULE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "source", "position",
                   "background", "lidc_patient_id", "lidc_annotation_id", "volume_mm3", *RATINGS]
-#: The parts lung1 is cut into (see the module notes); "whole" is the uncut volume.
-LUNG1_PARTS = ("cranial", "caudal", "whole")
-#: Chest (mm along z) left out between the cranial and the caudal part of lung1.
+#: The parts lung1 is cut into, in pairs (see :func:`lung1_part`); "whole" is the uncut volume.
+LUNG1_PARTS = ("right", "left", "cranial", "caudal", "whole")
+LUNG1_OTHER_PART = {"right": "left", "left": "right", "cranial": "caudal", "caudal": "cranial"}
+#: Chest (mm across the cut) left out between the two parts of lung1.
 LUNG1_GAP_MM = 10.0
+#: Soft tissue slab (mm) closing the body on the cut face of a right or left part ...
+LUNG1_SLAB_MM = 30.0
+#: ... and its density, HU (mediastinal soft tissue).
+MEDIASTINUM_HU = 40.0
 #: Chance of each kind of position for a nodule.
 POSITION_KINDS = {"parenchymal": 0.5, "juxtapleural": 0.25, "vessel": 0.25}
 
@@ -621,15 +628,20 @@ def _lung1_base():
 
 
 def lung1_part(part: str, *, gap_mm: float = LUNG1_GAP_MM):
-    """One of two disjoint axial parts of the 1 mm lung1 crop (or the whole of it).
+    """One of two disjoint parts of the 1 mm lung1 crop (or the whole of it).
 
-    The cut is the axial plane below which half of the lung mask's voxels lie; the
-    ``cranial`` part starts ``gap_mm / 2`` above it, the ``caudal`` part ends ``gap_mm / 2``
-    below it, so no voxel (and no slice) is in both.
+    ``right`` / ``left`` (the default pair): the cut is the sagittal plane through the
+    mediastinum (the fewest lung voxels in the middle half of the crop's width); the
+    patient's right part (lower world x, LPS) ends ``gap_mm / 2`` before it, the left part
+    starts ``gap_mm / 2`` after it, and each gets a ``LUNG1_SLAB_MM`` slab of soft tissue
+    (``MEDIASTINUM_HU``, no noise) on its cut face, so the body stays closed and lung
+    segmentation sees an ordinary chest with one lung.  ``cranial`` / ``caudal``: the cut is
+    the axial plane below which half of the lung voxels lie, with the same gap (no slab:
+    scans cut at the apex or base are ordinary).  No lung1 voxel is in both parts of a pair.
 
     Parameters
     ----------
-    part : {"cranial", "caudal", "whole"}
+    part : {"right", "left", "cranial", "caudal", "whole"}
     gap_mm : float
         Chest left out between the parts (mm, >= 0; the grid is 1 mm).
 
@@ -641,34 +653,47 @@ def lung1_part(part: str, *, gap_mm: float = LUNG1_GAP_MM):
         Lung mask and lung1's own nodule mask (empty where the part does not hold it).
     origin_mm : tuple of float
         World (z, y, x) of voxel 0 (LPS mm).
-    z_range_mm : (float, float)
-        World z of the part's first and last slice.
+    extent : dict
+        ``{"axis": "x" or "z", "range_mm": [first, last]}``: world coordinate of the part's
+        first and last lung1 plane along the cut axis (the slab not counted).
     """
     if part not in LUNG1_PARTS:
         raise ValueError(f"part must be one of {LUNG1_PARTS}, got {part!r}")
     if not np.isfinite(gap_mm) or gap_mm < 0:
         raise ValueError(f"gap_mm must be a finite number >= 0, got {gap_mm!r}")
     array, lung, label, origin = _lung1_base()
-    n_z = array.shape[0]
-    if part == "whole":
+    origin = [float(o) for o in origin]  # 1 mm grid, identity direction
+    half = int(np.ceil(gap_mm / 2.0))
+    if part in ("whole", "cranial", "caudal"):
+        n_z = array.shape[0]
         lo, hi = 0, n_z
-    else:
-        cum = np.cumsum(lung.sum(axis=(1, 2)))
-        cut = int(np.searchsorted(cum, cum[-1] / 2.0))
-        half = int(np.ceil(gap_mm / 2.0))
-        lo, hi = (cut + half, n_z) if part == "cranial" else (0, max(cut - half, 1))
-    origin = (float(origin[0]) + lo, float(origin[1]), float(origin[2]))  # 1 mm grid, identity direction
-    return (array[lo:hi], lung[lo:hi], label[lo:hi], origin,
-            (origin[0], origin[0] + (hi - lo - 1)))
+        if part != "whole":
+            cum = np.cumsum(lung.sum(axis=(1, 2)))
+            cut = int(np.searchsorted(cum, cum[-1] / 2.0))
+            lo, hi = (cut + half, n_z) if part == "cranial" else (0, max(cut - half, 1))
+        origin[0] += lo
+        return (array[lo:hi], lung[lo:hi], label[lo:hi], tuple(origin),
+                {"axis": "z", "range_mm": [origin[0], origin[0] + (hi - lo - 1)]})
+    n_x = array.shape[2]
+    per_x = lung.sum(axis=(0, 1))
+    cut = n_x // 4 + int(np.argmin(per_x[n_x // 4: 3 * n_x // 4]))
+    lo, hi = (0, max(cut - half, 1)) if part == "right" else (min(cut + half, n_x - 1), n_x)
+    slab = int(round(LUNG1_SLAB_MM))
+    pad = ((0, 0), (0, 0), (0, slab) if part == "right" else (slab, 0))
+    first_x = origin[2] + lo
+    origin[2] = first_x - (slab if part == "left" else 0)
+    return (np.pad(array[:, :, lo:hi], pad, constant_values=int(MEDIASTINUM_HU)),
+            np.pad(lung[:, :, lo:hi], pad), np.pad(label[:, :, lo:hi], pad), tuple(origin),
+            {"axis": "x", "range_mm": [first_x, first_x + (hi - lo - 1)]})
 
 
 def _lung1_background(rng: np.random.Generator, part: str = "whole") -> Background:
-    array, lung, label, origin, _ = lung1_part(part)
+    array, lung, label, origin, extent = lung1_part(part)
     if rng.random() < 0.5:  # left-right mirror
         array, lung, label = array[:, :, ::-1], lung[:, :, ::-1], label[:, :, ::-1]
     shift = rng.integers(-6, 7, size=3)
-    if part != "whole":
-        shift[0] = 0  # a part's top and bottom are cut through lung: do not wrap them round
+    if part != "whole":  # do not wrap a part's cut face round to the other side
+        shift["zyx".index(extent["axis"])] = 0
     array = np.roll(array, shift, axis=(0, 1, 2))
     array = np.ascontiguousarray(array)
     lung = np.ascontiguousarray(np.roll(lung, shift, axis=(0, 1, 2)))
@@ -785,7 +810,7 @@ def _make_scan(job: dict) -> tuple[str, str, list]:
 
 
 def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200, 256, 256),
-                    n_real: int = 2, real_split: str = "test", real_part: str = "cranial",
+                    n_real: int = 2, real_split: str = "test", real_part: str = "right",
                     n_real_other: int = 4, real_other_split: str = "train", nodules_per_scan=(1, 4),
                     small_findings_per_scan=(0, 1), split_fractions=(0.7, 0.15, 0.15),
                     sqlite_path=None, workers: int | None = None) -> dict:
@@ -804,7 +829,7 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
     n_real : int
         Scans on the ``real_part`` of lung1, the first ones of ``real_split``.
     real_split : {"train", "val", "test"}
-    real_part : {"cranial", "caudal", "whole"}
+    real_part : {"right", "left", "cranial", "caudal", "whole"}
         Part of lung1 (:func:`lung1_part`) behind the ``real_split`` scans.
     n_real_other : int
         Scans on the other part of lung1, the first ones of ``real_other_split`` (0 with
@@ -862,7 +887,7 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
     counts = _scan_counts(int(n_scans), split_fractions)
     n_real = min(int(n_real), counts[real_split])
     n_real_other = min(int(n_real_other), counts[real_other_split])
-    other_part = {"cranial": "caudal", "caudal": "cranial"}.get(real_part)
+    other_part = LUNG1_OTHER_PART.get(real_part)
     plan = []  # (split, index within split, background kind, lung1 part)
     for split in SPLITS:
         for i in range(counts[split]):
@@ -892,11 +917,12 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
     if any(j["kind"] == "lung1" for j in jobs):
         _lung1_base()  # prepare (and cache) the real background once, before the workers start
         for part in sorted({j["part"] for j in jobs if j["kind"] == "lung1"}):
-            z_lo, z_hi = lung1_part(part)[4]
+            extent = lung1_part(part)[4]
             manifest["lung1_parts"][f"lung1-{part}" if part != "whole" else "lung1"] = {
                 "split": real_split if part == real_part else real_other_split,
                 "n_scans": n_real if part == real_part else n_real_other,
-                "z_range_mm": [round(z_lo, 2), round(z_hi, 2)], "gap_mm": LUNG1_GAP_MM}
+                "cut_axis": extent["axis"], "range_mm": [round(v, 2) for v in extent["range_mm"]],
+                "gap_mm": LUNG1_GAP_MM}
     workers = max(1, min(int(workers) if workers else (os.cpu_count() or 1), len(jobs)))
     if workers == 1:
         results = [_make_scan(j) for j in jobs]
@@ -946,8 +972,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n-real", type=int, default=2,
                         help="scans on the --real-part of the real lung1 CT (default 2)")
     parser.add_argument("--real-split", choices=SPLITS, default="test", help="split of those scans")
-    parser.add_argument("--real-part", choices=LUNG1_PARTS, default="cranial",
-                        help="lung1 part behind them (default cranial: holds lung1's own nodule)")
+    parser.add_argument("--real-part", choices=LUNG1_PARTS, default="right",
+                        help="lung1 part behind them (default right: holds lung1's own nodule)")
     parser.add_argument("--n-real-other", type=int, default=4,
                         help="scans on the other lung1 part (default 4; 0 with --real-part whole)")
     parser.add_argument("--real-other-split", choices=SPLITS, default="train",

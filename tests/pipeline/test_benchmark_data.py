@@ -245,13 +245,13 @@ def test_build_rejects_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="shape_zyx"):
         bd.build_benchmark(tmp_path, shape_zyx=(8, 8, 8))
     with pytest.raises(ValueError, match="real_part"):
-        bd.build_benchmark(tmp_path, real_part="left")
+        bd.build_benchmark(tmp_path, real_part="anterior")
     with pytest.raises(ValueError, match="real_other_split"):  # both parts in one split
         bd.build_benchmark(tmp_path, real_split="test", real_other_split="test")
     with pytest.raises(ValueError, match="n_real_other=0"):  # the whole CT leaves no other part
         bd.build_benchmark(tmp_path, real_part="whole", n_real_other=2)
     with pytest.raises(ValueError, match="part"):
-        bd.lung1_part("left")
+        bd.lung1_part("anterior")
 
 
 def test_lung1_background_carries_its_own_nodule(lung1, lidc_sqlite, rng):
@@ -263,23 +263,43 @@ def test_lung1_background_carries_its_own_nodule(lung1, lidc_sqlite, rng):
     assert finding["mask"][c] and bg.array[c] > -300
 
 
-def test_lung1_parts_are_disjoint_halves_and_only_the_cranial_one_holds_its_nodule(lung1):
+def test_lung1_parts_are_disjoint_halves_and_only_the_right_one_holds_its_nodule(lung1):
     whole = bd.lung1_part("whole")
-    cranial, caudal = bd.lung1_part("cranial"), bd.lung1_part("caudal")
-    (c_lo, c_hi), (d_lo, d_hi) = cranial[4], caudal[4]
-    assert d_hi + bd.LUNG1_GAP_MM <= c_lo  # a gap of chest between them, no shared slice
-    assert (d_lo, c_hi) == whole[4]
-    # each part is the whole volume's slices at its z: the same voxels, nothing resampled
-    k = int(round(c_lo - whole[4][0]))
-    assert np.array_equal(cranial[0], whole[0][k:]) and np.array_equal(caudal[0], whole[0][:caudal[0].shape[0]])
-    # split at half the lung volume
-    assert 0.4 < cranial[1].sum() / whole[1].sum() < 0.5 and 0.4 < caudal[1].sum() / whole[1].sum() < 0.5
-    assert cranial[2].sum() == whole[2].sum() > 0 and not caudal[2].any()
+    right, left = bd.lung1_part("right"), bd.lung1_part("left")
+    assert right[4]["axis"] == left[4]["axis"] == "x"
+    (r_lo, r_hi), (l_lo, l_hi) = right[4]["range_mm"], left[4]["range_mm"]
+    assert r_hi + bd.LUNG1_GAP_MM <= l_lo  # a gap of chest between them, no shared voxel
+    assert r_lo == whole[3][2] and l_hi == whole[3][2] + whole[0].shape[2] - 1
+    slab = int(bd.LUNG1_SLAB_MM)
+    n_r, n_l = right[0].shape[2] - slab, left[0].shape[2] - slab
+    # each part is the whole volume's voxels at its x, plus the soft-tissue slab on its cut face
+    assert np.array_equal(right[0][:, :, :n_r], whole[0][:, :, :n_r])
+    assert np.array_equal(left[0][:, :, slab:], whole[0][:, :, -n_l:])
+    assert (right[0][:, :, n_r:] == bd.MEDIASTINUM_HU).all() and not right[1][:, :, n_r:].any()
+    assert left[3][2] == pytest.approx(l_lo - slab)  # origin: the slab's first voxel
+    # one lung each, the bigger right lung with lung1's own nodule
+    assert right[1].sum() + left[1].sum() == pytest.approx(whole[1].sum(), rel=0.01)
+    assert right[2].sum() == whole[2].sum() > 0 and not left[2].any()
+    # the lung segmentation of the pipeline finds the lung of a part
+    from stages.lungmask import segment_lungs
+    from stages.volume import Volume
+
+    for part in (right, left):
+        seg = segment_lungs(Volume(part[0], spacing_mm=(1.0, 1.0, 1.0), origin_mm=part[3])).array > 0
+        assert 2 * (seg & part[1]).sum() / (seg.sum() + part[1].sum()) > 0.95
     rng = np.random.default_rng(3)
-    bg_c, bg_d = bd._lung1_background(rng, "cranial"), bd._lung1_background(rng, "caudal")
-    assert (bg_c.name, bg_d.name) == ("lung1-cranial", "lung1-caudal")
-    assert len(bg_c.findings) == 1 and bg_d.findings == []
-    assert bg_c.origin_mm[0] == pytest.approx(c_lo) and bg_d.array.shape == caudal[0].shape
+    bg_r, bg_l = bd._lung1_background(rng, "right"), bd._lung1_background(rng, "left")
+    assert (bg_r.name, bg_l.name) == ("lung1-right", "lung1-left")
+    assert len(bg_r.findings) == 1 and bg_l.findings == []
+
+
+def test_lung1_cranial_caudal_parts(lung1):
+    whole, cranial, caudal = (bd.lung1_part(p) for p in ("whole", "cranial", "caudal"))
+    (c_lo, c_hi), (d_lo, d_hi) = cranial[4]["range_mm"], caudal[4]["range_mm"]
+    assert cranial[4]["axis"] == "z" and d_hi + bd.LUNG1_GAP_MM <= c_lo
+    k = int(round(c_lo - whole[3][0]))
+    assert np.array_equal(cranial[0], whole[0][k:]) and np.array_equal(caudal[0], whole[0][:caudal[0].shape[0]])
+    assert 0.4 < cranial[1].sum() / whole[1].sum() < 0.5 and 0.4 < caudal[1].sum() / whole[1].sum() < 0.5
 
 
 def test_lung1_parts_go_to_their_own_splits(lung1, lidc_sqlite, tmp_path):
@@ -288,22 +308,18 @@ def test_lung1_parts_go_to_their_own_splits(lung1, lidc_sqlite, tmp_path):
                                   nodules_per_scan=(1, 1), small_findings_per_scan=(0, 0), seed=1,
                                   sqlite_path=lidc_sqlite, workers=1)
     backgrounds = {s: manifest["splits"][s]["backgrounds"] for s in bd.SPLITS}
-    assert "lung1-cranial" in backgrounds["test"] and "lung1-caudal" in backgrounds["train"]
+    assert "lung1-right" in backgrounds["test"] and "lung1-left" in backgrounds["train"]
     assert not any(b.startswith("lung1") for b in backgrounds["val"])
     parts = manifest["lung1_parts"]
-    assert parts["lung1-cranial"]["split"] == "test" and parts["lung1-caudal"]["split"] == "train"
-    assert parts["lung1-caudal"]["z_range_mm"][1] < parts["lung1-cranial"]["z_range_mm"][0]
-    # the test scan's z range is the cranial part's, the train scan's the caudal part's
+    assert parts["lung1-right"]["split"] == "test" and parts["lung1-left"]["split"] == "train"
+    assert parts["lung1-right"]["range_mm"][1] < parts["lung1-left"]["range_mm"][0]
+    # lung1's own nodule is a test finding, and the test scan's lung1 voxels are the right part's
     from pipeline.luna16 import read_luna_scan
 
-    for split, name in (("test", "lung1-cranial"), ("train", "lung1-caudal")):
-        (mhd,) = sorted((tmp_path / split).glob("*.mhd"))
-        vol = read_luna_scan(mhd)
-        z = [vol.index_to_world([i, 0, 0])[0] for i in (0, vol.shape[0] - 1)]
-        assert z == pytest.approx(parts[name]["z_range_mm"], abs=0.01)
-    # lung1's own nodule is a test finding
     test_nod = pd.read_csv(tmp_path / "test" / "nodules.csv")
     assert (test_nod["source"] == "lung1_label").sum() == 1
+    (mhd,) = sorted((tmp_path / "test").glob("*.mhd"))
+    assert read_luna_scan(mhd).shape[2] == bd.lung1_part("right")[0].shape[2]
 
 
 # ----------------------------------------------------------------------------- the sqlite download
