@@ -45,7 +45,7 @@ PAIR_BUDGET = {"cpu": 1 << 21, "cuda": 1 << 26}
 #: there (it would reach the same mode; saves the slow tail of Gaussian mean shift).
 SNAP_RADIUS = 0.1
 #: Grid engine: side (bandwidths) of the cells of the seeds' path merging; 0 turns it off.
-PATH_CELL = 0.05
+PATH_CELL = 0.02
 #: Seeds and points per dense block of the grid engine.
 TILE_SEEDS = 16
 TILE_POINTS = 64
@@ -693,7 +693,7 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
     path_cell : float, optional
         Path merging (spatial discretisation): a seed that stops, after an iteration, in a
         cell of this side (bandwidths) where another seed has stopped before follows that
-        seed to its mode instead of climbing on alone.  Default ``PATH_CELL`` (0.05) for the
+        seed to its mode instead of climbing on alone.  Default ``PATH_CELL`` (0.02) for the
         grid engine, 0 (off) for the exact one.
     bin_size : float, optional
         Pool the points in cubic bins of this side (bandwidths) and sum the kernel over
@@ -733,10 +733,11 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
     for, bin seeding and binned points.  The truncation matters in five dimensions: the
     Gaussian keeps ``P(chi2_D <= cutoff^2)`` of its mass, 89 % at ``cutoff=3`` for D = 5
     (99.98 % at 5), and on sparse 5-D clouds with hundreds of weak modes this moves modes.
-    Measured on a 20k-point sample of lung1 tissue voxels (``pipeline/bench_cluster.py``,
-    exact engine as the reference, adjusted Rand index of the labels): the defaults
-    (``cutoff=6``, every point a seed, ``path_cell=0.05``) 0.9985; ``cutoff=5`` 0.989;
-    ``cutoff=3`` with bin seeding 0.85; ``bin_size=1`` 0.78-0.88.  ``bench/cluster.json``
+    Measured on a 20k-point sample of the lung1 tissue cloud of ``pipeline/bench_cluster.py``
+    (the pipeline's feature scales as bandwidth; exact engine as the reference, adjusted
+    Rand index of the labels, CPU float64): the defaults (``cutoff=6``, every point a seed,
+    ``path_cell=0.02``) 0.998; ``path_cell=0.05`` 0.991; no path merging 0.998; its
+    ``fast`` preset (``cutoff=3``, bin seeding, ``bin_size=1``) 0.82.  ``bench/cluster.json``
     records the time of each setting.
 
     Examples

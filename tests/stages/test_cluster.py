@@ -202,10 +202,11 @@ def test_kmeans_reseeds_empty_clusters():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_and_cuda_agree(rng):
     pts = vessel_like(rng)
-    for mode in ("exact", "grid"):
-        a = mean_shift(pts, 1.0, mode=mode, device="cpu")
-        b = mean_shift(pts, 1.0, mode=mode, device="cuda")
-        assert adjusted_rand_score(a.labels, b.labels) >= 0.99
+    for kw in ({"mode": "exact"}, {"mode": "grid"},
+               {"mode": "grid", "cutoff": 3.0, "bin_seeding": True, "bin_size": 1.0}):
+        a = mean_shift(pts, 1.0, device="cpu", **kw)
+        b = mean_shift(pts, 1.0, device="cuda", **kw)
+        assert adjusted_rand_score(a.labels, b.labels) >= 0.99, kw
     a, b = kmeans(pts, 8, device="cpu"), kmeans(pts, 8, device="cuda")
     assert adjusted_rand_score(a.labels, b.labels) >= 0.99
 
