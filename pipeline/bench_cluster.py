@@ -16,7 +16,9 @@ run the benchmark on it.
 Mean shift runs with two settings (:data:`PRESETS`): ``accurate``, the defaults of
 :func:`stages.cluster.mean_shift` (every point a seed, Gaussian cut at 6 bandwidths, path
 merging in cells of 0.02 bandwidths), and ``fast`` (Gaussian cut at 3 bandwidths, bin seeding,
-points pooled in bins of one bandwidth, path cells of 0.05).  At each size the exact engine is the reference where it fits the time
+points pooled in bins of one bandwidth, path cells of 0.05, cells of one reach: with about one
+seed per bin and few points per cell finer cells pad the dense blocks more than they save,
+float32 on the CPU too).  At each size the exact engine is the reference where it fits the time
 limit; scikit-learn's ``MeanShift(bin_seeding=True)`` (flat kernel) and ``KMeans`` are the
 outside references.
 """
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 TISSUE_HU = -600.0
 #: Mean-shift settings compared at every size (keyword arguments of ``mean_shift``).
 PRESETS = {"accurate": {},
-           "fast": {"cutoff": 3.0, "bin_seeding": True, "bin_size": 1.0, "path_cell": 0.05}}
+           "fast": {"cutoff": 3.0, "bin_seeding": True, "bin_size": 1.0, "path_cell": 0.05,
+                    "cells_per_reach": 1, "dtype": "float32"}}
 #: Clusters for the k-means comparison.
 KMEANS_K = 64
 #: Exact runs and scikit-learn runs longer than this (s) are extrapolated, not run.

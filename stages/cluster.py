@@ -46,9 +46,9 @@ PAIR_BUDGET = {"cpu": 1 << 21, "cuda": 1 << 26}
 SNAP_RADIUS = 0.1
 #: Grid engine: side (bandwidths) of the cells of the seeds' path merging; 0 turns it off.
 PATH_CELL = 0.02
-#: Seeds and points per dense block of the grid engine.
-TILE_SEEDS = 16
-TILE_POINTS = 64
+#: (seeds, points) shapes of the grid engine's dense blocks, one area; each call takes the
+#: one with the least padding (few seeds a cell: 4 x 128; many: 32 x 16).
+TILE_SHAPES = ((4, 128), (8, 64), (16, 32), (32, 16))
 #: Hashed grid dimensions are chosen among those spanning at least this many cells.
 MIN_CELLS_TO_HASH = 3
 #: At most this many dimensions are hashed (3**k neighbour cells per seed).
@@ -321,28 +321,41 @@ def _weights(d2, kernel, reach2):
     return w
 
 
+def _tile_shape(s_count, c_count):
+    """The block shape of :data:`TILE_SHAPES` that computes the fewest (seed, point) pairs,
+    padding included, for cells of ``s_count`` seeds and ``c_count`` candidate points."""
+    import torch
+
+    shapes = torch.tensor(TILE_SHAPES, device=s_count.device)
+    ts, tp = shapes[:, :1], shapes[:, 1:]
+    cost = (((s_count[None] + ts - 1) // ts) * ((c_count[None] + tp - 1) // tp)).sum(1) \
+        * ts[:, 0] * tp[:, 0]
+    return TILE_SHAPES[int(torch.argmin(cost))]
+
+
 def _shift_grid(grid, pos, kernel, reach2, budget, tile_seeds=None, tile_points=None):
     """Kernel-weighted sums of the grid points around each position: (numerator, denominator).
 
     Seeds are grouped by grid cell; all seeds of a cell share one candidate list (the points
-    of the 3^k cells around it).  Each cell's seeds are cut into tiles of ``tile_seeds`` and
-    its candidates into tiles of ``tile_points``; every (seed tile, candidate tile) block is
-    a small dense problem, solved for many blocks at once with batched matrix products.
+    of the cells around it).  Each cell's seeds are cut into tiles of ``tile_seeds`` and
+    its candidates into tiles of ``tile_points`` (default: the :data:`TILE_SHAPES` entry with
+    the least padding); every (seed tile, candidate tile) block is a small dense problem,
+    solved for many blocks at once with batched matrix products.
     """
     import torch
 
     dev, dt = pos.device, pos.dtype
-    tile_seeds = tile_seeds or TILE_SEEDS
-    tile_points = tile_points or TILE_POINTS
     n_s, n_d = pos.shape
     cell = grid.cell_ids(pos)
     s_order = torch.argsort(cell, stable=True)
     ucell, s_count = torch.unique_consecutive(cell[s_order], return_counts=True)
     s_first = torch.cumsum(s_count, 0) - s_count
     start, end = grid.ranges_of_cells(ucell)
-    cell_of_cand, cand = _expand_pairs(start, end)            # candidates grouped by cell
-    c_count = torch.bincount(cell_of_cand, minlength=ucell.numel())
+    _, cand = _expand_pairs(start, end)                       # candidates grouped by cell
+    c_count = (end - start).clamp(min=0).sum(1)
     c_first = torch.cumsum(c_count, 0) - c_count
+    if tile_seeds is None or tile_points is None:
+        tile_seeds, tile_points = _tile_shape(s_count, c_count)
     n_st = (s_count + tile_seeds - 1) // tile_seeds
     n_ct = (c_count + tile_points - 1) // tile_points
     n_blk = n_st * n_ct

@@ -148,3 +148,10 @@ def test_bad_acceleration_settings(name, value):
     pts = np.zeros((10, 2))
     with pytest.raises((ValueError, TypeError), match=name):
         mean_shift(pts, 1.0, device="cpu", **{name: value})
+
+
+def test_tile_shape_follows_the_seeds_per_cell():
+    few = cluster._tile_shape(torch.tensor([1, 2, 3]), torch.tensor([1000, 900, 800]))
+    many = cluster._tile_shape(torch.tensor([100, 90]), torch.tensor([10, 12]))
+    assert few == (4, 128) and many == (32, 16)
+    assert few in cluster.TILE_SHAPES and many in cluster.TILE_SHAPES
