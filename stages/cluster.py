@@ -46,9 +46,11 @@ PAIR_BUDGET = {"cpu": 1 << 21, "cuda": 1 << 26}
 SNAP_RADIUS = 0.1
 #: Grid engine: side (bandwidths) of the cells of the seeds' path merging; 0 turns it off.
 PATH_CELL = 0.02
-#: (seeds, points) shapes of the grid engine's dense blocks, one area; each call takes the
-#: one with the least padding (few seeds a cell: 4 x 128; many: 32 x 16).
-TILE_SHAPES = ((4, 128), (8, 64), (16, 32), (32, 16))
+#: (seeds, points) shapes of the grid engine's dense blocks per device type; each call takes
+#: the one with the least padding (few seeds a cell: 4 x 128; many: 32 x 16).  On an H100
+#: the smaller blocks' extra gathers cost more than their padding saves (whole-lung cloud:
+#: 4.7 s with these shapes, 3.8 s with 16 x 64), on 2 CPU cores the padding dominates.
+TILE_SHAPES = {"cpu": ((4, 128), (8, 64), (16, 32), (32, 16)), "cuda": ((16, 64),)}
 #: Hashed grid dimensions are chosen among those spanning at least this many cells.
 MIN_CELLS_TO_HASH = 3
 #: At most this many dimensions are hashed (3**k neighbour cells per seed).
@@ -326,11 +328,14 @@ def _tile_shape(s_count, c_count):
     padding included, for cells of ``s_count`` seeds and ``c_count`` candidate points."""
     import torch
 
-    shapes = torch.tensor(TILE_SHAPES, device=s_count.device)
+    choices = TILE_SHAPES["cuda" if s_count.device.type == "cuda" else "cpu"]
+    if len(choices) == 1:
+        return choices[0]
+    shapes = torch.tensor(choices, device=s_count.device)
     ts, tp = shapes[:, :1], shapes[:, 1:]
     cost = (((s_count[None] + ts - 1) // ts) * ((c_count[None] + tp - 1) // tp)).sum(1) \
         * ts[:, 0] * tp[:, 0]
-    return TILE_SHAPES[int(torch.argmin(cost))]
+    return choices[int(torch.argmin(cost))]
 
 
 def _shift_grid(grid, pos, kernel, reach2, budget, tile_seeds=None, tile_points=None):
@@ -338,8 +343,8 @@ def _shift_grid(grid, pos, kernel, reach2, budget, tile_seeds=None, tile_points=
 
     Seeds are grouped by grid cell; all seeds of a cell share one candidate list (the points
     of the cells around it).  Each cell's seeds are cut into tiles of ``tile_seeds`` and
-    its candidates into tiles of ``tile_points`` (default: the :data:`TILE_SHAPES` entry with
-    the least padding); every (seed tile, candidate tile) block is a small dense problem,
+    its candidates into tiles of ``tile_points`` (default: the device's :data:`TILE_SHAPES`
+    entry with the least padding); every (seed tile, candidate tile) block is a small dense problem,
     solved for many blocks at once with batched matrix products.
     """
     import torch
