@@ -189,10 +189,11 @@ def write_dicom_series(vol, folder, *, slope: float = 1.0, intercept: float = -1
 
     if shuffle_names:
         rng = np.random.default_rng(seed)
-        names = set()
+        names = []  # a list, not a set: a set's order follows the per-process string hash
         while len(names) < nz:
-            names.add("".join(f"{b:02x}" for b in rng.integers(0, 256, 8)))
-        names = sorted(names, key=lambda _: rng.random())
+            name = "".join(f"{b:02x}" for b in rng.integers(0, 256, 8))
+            if name not in names:
+                names.append(name)
     else:
         names = [f"slice_{k:04d}.dcm" for k in range(nz)]
 

@@ -110,3 +110,21 @@ def test_localizer_and_rtstruct(tmp_path):
     rt = pydicom.dcmread(write_rtstruct(tmp_path))
     assert rt.Modality == "RTSTRUCT" and "PixelData" not in rt and "Rows" not in rt
     assert str(rt.PatientName) == "ANON"
+
+
+def test_shuffled_names_do_not_depend_on_the_process_string_hash(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from stages.volume import Volume; "
+            "from pipeline.dicomio import write_dicom_series; "
+            "v = Volume(np.zeros((6, 4, 4), np.int16), spacing_mm=(1, 1, 1)); "
+            "print(','.join(p.name for p in write_dicom_series(v, sys.argv[1], seed=3)))")
+    names = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / hash_seed)], env=env,
+                             capture_output=True, text=True, check=True)
+        names.append(out.stdout.strip().splitlines()[-1])
+    assert names[0] == names[1] and len(names[0].split(",")) == 6
