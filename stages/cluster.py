@@ -207,10 +207,11 @@ class _Grid:
 
     Cells have side ``reach / per_reach``; the neighbour cells of a cell are those within
     ``per_reach`` cells along every hashed dimension whose nearest corner is within
-    ``reach`` (a ball of cells, not a cube: 5^4 = 625 cells shrink to 513 at
-    ``per_reach=2`` in four dimensions, and the candidate volume to about a third of the
-    3^4 cells of side ``reach``).  The last hashed dimension's cells of one neighbour row
-    are contiguous in the sort order, so each row is one index range.
+    ``reach`` (a ball of cells, not a cube; corners are pruned from ``per_reach=3`` on, in
+    all hashed dimensions but the last).  Finer cells fit the reach closer: on the lung1
+    tissue cloud at ``reach=3`` a seed's candidates fall from 8.1k (side ``reach``) to
+    5.1k (``per_reach=2``) and 3.9k (``per_reach=3``).  The last hashed dimension's cells of
+    one neighbour row are contiguous in the sort order, so each row is one index range.
     """
 
     def __init__(self, pts, reach, dims, per_reach=1):
