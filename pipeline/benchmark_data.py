@@ -866,7 +866,7 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
     if int(n_real) < 0 or int(n_real_other) < 0:
         raise ValueError(f"n_real and n_real_other must be >= 0, got {n_real}, {n_real_other}")
     if int(n_real_other) > 0 and (real_part == "whole" or real_other_split == real_split):
-        raise ValueError("the other lung1 part needs real_part 'cranial' or 'caudal' and a "
+        raise ValueError("the other lung1 part needs a real_part other than 'whole' and a "
                          f"real_other_split other than real_split; got real_part={real_part!r}, "
                          f"real_split={real_split!r}, real_other_split={real_other_split!r} "
                          "(or set n_real_other=0)")
