@@ -360,7 +360,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
                      seed: int = 0, device=None, workers: int = 0, resume: bool = False,
                      cache_dir=None, progress: bool | None = None, command: str = "",
                      cache_file=None, detect_max_candidates: int | None = DETECT_MAX_CANDIDATES,
-                     lung_neg_per_scan: int = LUNG_NEG_PER_SCAN) -> dict:
+                     lung_neg_per_scan: int = LUNG_NEG_PER_SCAN, init_weights=None) -> dict:
     """Train the false-positive classifier; write weights, model card, log and checkpoint.
 
     Returns a dict with the written paths, the data counts and the last epoch's metrics.
@@ -369,6 +369,9 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     in the names.  ``patience=0`` turns early stopping off.  ``cache_file``: train from that
     cube cache (an ``OUT/cache/cubes-*.h5`` of an earlier run; ``data``, the candidate and cube
     settings are then taken from it), e.g. on a GPU machine that does not hold the scans.
+    ``init_weights``: fine-tune, starting from the weights of an earlier classifier file
+    (its architecture and cube settings must match; ``widths`` and ``dropout`` are taken
+    from it) instead of a random initialisation.
     """
     import torch
 
@@ -420,7 +423,10 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     train_dl = loader(train_ds, batch_sampler=sampler)
     valid_dl = (loader(CubeDataset(H5Cubes(cache, "val"), labels["val"]), batch_size=2 * batch_size)
                 if counts["val"]["cubes"] else None)
-    model = NoduleNet3D(widths, dropout=dropout)
+    if init_weights is not None:
+        model = _init_model(init_weights, size_mm=size_mm, spacing_mm=spacing_mm)
+    else:
+        model = NoduleNet3D(widths, dropout=dropout)
     out.mkdir(parents=True, exist_ok=True)
     cbs = [Checkpoint(out / "checkpoint.pt", resume=resume), MetricsLogger(out / "train_log.csv"),
            MixedPrecision()]
@@ -447,6 +453,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     weights = save_classifier(learn.model, out / WEIGHTS_NAME, size_mm=size_mm,
                               spacing_mm=spacing_mm, info=info)
     result = {"weights": weights, "log": out / "train_log.csv", "card": out / "nodule_cnn3d.md",
+              "init_weights": None if init_weights is None else str(init_weights),
               "checkpoint": out / "checkpoint.pt", "cache": cache, "counts": counts,
               "final": final, "history": history, "device": str(dev), "train_s": train_s,
               "candidates": cand_source, "lr": float(lr),
@@ -457,6 +464,18 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
                 lr=lr, batch_size=batch_size, pos_fraction=pos_fraction, size_mm=size_mm,
                 max_neg_per_scan=max_neg_per_scan, weight_decay=weight_decay)
     return result
+
+
+def _init_model(path, *, size_mm: float, spacing_mm: float):
+    """The classifier saved at ``path``, in training mode, checked against the cube settings."""
+    from nets.cnn3d import load_classifier
+
+    model = load_classifier(path, device="cpu")
+    pre = model.preprocessing
+    if not (np.isclose(pre["size_mm"], size_mm) and np.isclose(pre["spacing_mm"], spacing_mm)):
+        raise ValueError(f"{path}: its cubes are {pre['size_mm']:g} mm at {pre['spacing_mm']:g} mm, "
+                         f"the training cubes {size_mm:g} mm at {spacing_mm:g} mm; fine-tuning needs the same")
+    return model.train()
 
 
 def _fmt(v) -> str:
@@ -489,6 +508,7 @@ def _write_card(res: dict, *, model, data, command, **settings) -> None:
 
 ## Training
 - `Learner.fit_one_cycle({settings['epochs']}, lr_max={res['lr']:.3g})`, AdamW, weight decay {settings['weight_decay']:g}
+- Start: {'random weights' if res['init_weights'] is None else 'fine-tuned from `%s`' % res['init_weights']}
 - Learning rate: {'given' if res['lr_find'] is None else 'from learn.lr_find() (steepest descent %.3g, min/10 %.3g)' % (res['lr_find']['steep'], res['lr_find']['min_div10'])}
 - Batches of {settings['batch_size']} with a fraction {settings['pos_fraction']:g} of nodules; random flips,
   axial 90-degree rotations and 0.9-1.1 zoom
@@ -532,6 +552,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-max-candidates", type=int, default=None,
                    help="candidates per scan asked of the detector for training (default: "
                         "the detector's own, as in the screen); more = more hard negatives")
+    p.add_argument("--init-weights", default=None, metavar="PT",
+                   help="fine-tune from this classifier file (e.g. models/nodule_cnn3d.pt) "
+                        "instead of random weights")
     return p
 
 
@@ -557,7 +580,8 @@ def main(argv=None) -> int:
                                progress=False if args.no_progress else None, command=command,
                                cache_file=args.from_cache,
                                detect_max_candidates=args.detect_max_candidates,
-                               lung_neg_per_scan=args.lung_neg_per_scan)
+                               lung_neg_per_scan=args.lung_neg_per_scan,
+                               init_weights=args.init_weights)
     except (FileNotFoundError, ValueError, ScanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -110,6 +110,26 @@ def test_make_train_on_a_fake_luna_tree(tmp_path, rng, monkeypatch):
     assert main(["--from-cache", str(tmp_path / "missing.h5"), "--out", str(out2)]) == 2
     assert main(["--out", str(out2)]) == 2  # neither --data nor --from-cache
 
+    # fourth run: fine-tuning starts from the given weights (a tiny learning rate keeps them)
+    out3 = tmp_path / "finetuned"
+    assert main(["--from-cache", str(caches[0]), "--out", str(out3), *ARGS, "--lr", "1e-12",
+                 "--init-weights", str(weights)]) == 0
+    start = torch.load(weights, weights_only=True)["state_dict"]
+    tuned = torch.load(out3 / training.WEIGHTS_NAME, weights_only=True)["state_dict"]
+    convs = [k for k, v in start.items() if k.endswith("weight") and v.ndim == 5]
+    assert convs and all(torch.allclose(tuned[k], start[k], atol=1e-6) for k in convs)
+    out4 = tmp_path / "not_finetuned"  # the same run without --init-weights keeps random weights
+    assert main(["--from-cache", str(caches[0]), "--out", str(out4), *ARGS, "--lr", "1e-12"]) == 0
+    fresh = torch.load(out4 / training.WEIGHTS_NAME, weights_only=True)["state_dict"]
+    assert not any(torch.allclose(fresh[k], start[k], atol=1e-4) for k in convs)
+    assert f"fine-tuned from `{weights}`" in (out3 / "nodule_cnn3d.md").read_text()
+    assert "Start: random weights" in card2
+    # cubes of another size than the weights' own are refused
+    assert main(["--from-cache", str(caches[0]), "--out", str(out3), *ARGS, "--size-mm", "12",
+                 "--init-weights", str(tmp_path / "missing.pt")]) == 2
+    with pytest.raises(ValueError, match="cubes are 16 mm at 1 mm, the training cubes 12 mm"):
+        training._init_model(weights, size_mm=12.0, spacing_mm=1.0)
+
 
 def test_train_without_candidate_list_and_with_split_folders(tmp_path, rng):
     data, out = tmp_path / "bench", tmp_path / "m"
