@@ -45,3 +45,39 @@ def test_empty_candidates_and_missing_weights(tmp_path, ct):
     assert "probability" in classify_candidates(ct, empty, weights=weights, device="cpu").columns
     with pytest.raises(FileNotFoundError, match="make train"):
         classify_candidates(ct, _cands(ct), weights=tmp_path / "nope.pt")
+
+
+def test_merge_nearby_keeps_the_most_probable_mark_of_each_group():
+    from pipeline.classify import merge_nearby
+
+    marks = pd.DataFrame({"seriesuid": ["a", "a", "a", "a", "b"],
+                          "coordX": [0.0, 5.0, 9.0, 30.0, 1.0], "coordY": [0.0, 0.0, 0.0, 0.0, 0.0],
+                          "coordZ": [0.0, 0.0, 0.0, 0.0, 0.0], "probability": [0.9, 0.95, 0.2, 0.5, 0.1]})
+    out = merge_nearby(marks, 8.0)
+    # 0.95 at x=5 absorbs x=0 (5 mm) and x=9 (4 mm); x=30 stays; scan b is never merged with a
+    assert out[["seriesuid", "coordX", "n_merged"]].values.tolist() == [
+        ["a", 5.0, 2], ["a", 30.0, 0], ["b", 1.0, 0]]
+    # greedy: x=9 is 9 mm from x=0 but 4 mm from the better x=5, which takes it
+    assert merge_nearby(marks.iloc[[0, 2]], 8.0)["coordX"].tolist() == [0.0, 9.0]
+    # a mark exactly merge_mm away stays; 0 keeps every mark
+    assert len(merge_nearby(marks.iloc[[0, 1]], 5.0)) == 2
+    assert len(merge_nearby(marks, 0.0)) == 5
+    with pytest.raises(ValueError, match="merge_mm"):
+        merge_nearby(marks, -1.0)
+    with pytest.raises(ValueError, match="'score'"):
+        merge_nearby(marks, 8.0, by="score")
+
+
+def test_classify_merges_nearby_marks_when_asked(tmp_path, ct):
+    torch.manual_seed(0)
+    weights = save_classifier(NoduleNet3D(widths=(4, 8)), tmp_path / "w.pt", size_mm=16.0)
+    cands = _cands(ct)
+    near = cands.iloc[[0]].assign(coordX=cands["coordX"].iloc[0] + 2.0, score=0.8)
+    cands = pd.concat([cands, near], ignore_index=True)
+    full = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1)
+    merged = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, merge_mm=8.0)
+    assert len(full) == 4 and len(merged) == 3 and merged["n_merged"].sum() == 1
+    best_of_pair = full[full["score"].isin([0.9, 0.8])]["probability"].max()
+    assert best_of_pair in merged["probability"].tolist()
+    with pytest.raises(ValueError, match="merge_mm"):
+        classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, merge_mm=-2.0)
