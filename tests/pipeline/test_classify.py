@@ -53,17 +53,26 @@ def test_merge_nearby_keeps_the_most_probable_mark_of_each_group():
     marks = pd.DataFrame({"seriesuid": ["a", "a", "a", "a", "b"],
                           "coordX": [0.0, 5.0, 9.0, 30.0, 1.0], "coordY": [0.0, 0.0, 0.0, 0.0, 0.0],
                           "coordZ": [0.0, 0.0, 0.0, 0.0, 0.0], "probability": [0.9, 0.95, 0.2, 0.5, 0.1]})
-    out = merge_nearby(marks, 8.0)
-    # 0.95 at x=5 absorbs x=0 (5 mm) and x=9 (4 mm); x=30 stays; scan b is never merged with a
-    assert out[["seriesuid", "coordX", "n_merged"]].values.tolist() == [
+    # 0.95 at x=5 takes x=0 (5 mm) and x=9 (4 mm); x=30 stays; scan b is never merged with a
+    dropped = merge_nearby(marks, 8.0, demote=0.0)
+    assert dropped[["seriesuid", "coordX", "n_merged"]].values.tolist() == [
         ["a", 5.0, 2], ["a", 30.0, 0], ["b", 1.0, 0]]
-    # greedy: x=9 is 9 mm from x=0 but 4 mm from the better x=5, which takes it
-    assert merge_nearby(marks.iloc[[0, 2]], 8.0)["coordX"].tolist() == [0.0, 9.0]
-    # a mark exactly merge_mm away stays; 0 keeps every mark
-    assert len(merge_nearby(marks.iloc[[0, 1]], 5.0)) == 2
-    assert len(merge_nearby(marks, 0.0)) == 5
+    assert not dropped["merged"].any()
+    # by default the merged marks stay, demoted below every kept mark of their scan
+    soft = merge_nearby(marks, 8.0, demote=0.01)
+    assert soft[["seriesuid", "coordX", "merged"]].values.tolist() == [
+        ["a", 5.0, False], ["a", 30.0, False], ["b", 1.0, False], ["a", 0.0, True], ["a", 9.0, True]]
+    np.testing.assert_allclose(soft["probability"], [0.95, 0.5, 0.1, 0.009, 0.002])
+    # greedy: x=9 is 9 mm from x=0, so with x=5 gone both stay
+    assert merge_nearby(marks.iloc[[0, 2]], 8.0)["merged"].tolist() == [False, False]
+    # a mark exactly merge_mm away stays; 0 keeps every mark as it is
+    assert not merge_nearby(marks.iloc[[0, 1]], 5.0)["merged"].any()
+    same = merge_nearby(marks, 0.0)
+    assert len(same) == 5 and same["probability"].tolist() == [0.95, 0.9, 0.5, 0.2, 0.1]
     with pytest.raises(ValueError, match="merge_mm"):
         merge_nearby(marks, -1.0)
+    with pytest.raises(ValueError, match="demote"):
+        merge_nearby(marks, 8.0, demote=1.0)
     with pytest.raises(ValueError, match="'score'"):
         merge_nearby(marks, 8.0, by="score")
 
@@ -76,8 +85,10 @@ def test_classify_merges_nearby_marks_when_asked(tmp_path, ct):
     cands = pd.concat([cands, near], ignore_index=True)
     full = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1)
     merged = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, merge_mm=8.0)
-    assert len(full) == 4 and len(merged) == 3 and merged["n_merged"].sum() == 1
-    best_of_pair = full[full["score"].isin([0.9, 0.8])]["probability"].max()
-    assert best_of_pair in merged["probability"].tolist()
+    assert len(full) == 4 and len(merged) == 4 and merged["n_merged"].sum() == 1
+    assert merged["merged"].tolist() == [False, False, False, True]  # demoted to the bottom
+    pair = full[full["score"].isin([0.9, 0.8])]["probability"]
+    assert pair.max() in merged["probability"].tolist()
+    assert np.isclose(merged["probability"].iloc[-1], pair.min() * 0.01)
     with pytest.raises(ValueError, match="merge_mm"):
         classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, merge_mm=-2.0)
