@@ -5,7 +5,10 @@ How :func:`find_candidates` works
 1. **Points**: voxels inside the lung mask denser than ``hu_floor`` whose shape index is at
    least ``si_floor`` (blob-like: nodules, vessel branchings and bends; not the straight
    vessels, 0.75, nor walls, 0.5), as scaled ``(z, y, x, HU, SI)`` features from
-   :func:`stages.features.extract_features`.
+   :func:`stages.features.extract_features`.  With ``outside_hu`` (opt-in, e.g. -1000) the
+   shape index is taken with every voxel outside the lung mask set to it (air): a
+   juxta-pleural nodule, which the mask keeps, is then a blob rather than a bump on the
+   chest wall (its voxels' shape index falls to about 0.5-0.7 with the wall there).
 2. **Clusters**: the points' 26-connected components give one seed each (their mean
    feature); :func:`stages.cluster.mean_shift` moves the seeds to the modes of the feature
    density over all points (``method="mean_shift"``, bandwidth in scaled units), or
@@ -86,6 +89,13 @@ CENTRE_HU_POWER = 2.0
 #: Voxels denser than this (HU) make the blobs of the one-blob-one-candidate merge (solid
 #: nodules, vessels; ground glass is lighter and is never merged).
 BLOB_HU = -400.0
+#: HU given to the voxels outside the lung mask before the shape index; ``None`` (the
+#: default) keeps the chest wall.  At -1000 (air), on the benchmark's training and
+#: validation scans (129 nodules), detector recall at 100 per scan went from 0.922 to
+#: 0.938, for juxta-pleural nodules (37) from 0.81 to 0.86; but the screen's CPM, with the
+#: classifier fine-tuned on these candidates, went from 0.784 to 0.788 on
+#: ``data/bench96/val`` and from 0.921 to 0.879 on ``data/bench48/val``, so it is off.
+OUTSIDE_HU = None
 #: Half-size (mm) of the box searched for the lung border around a candidate.
 PLEURA_SEARCH_MM = 20.0
 
@@ -169,7 +179,7 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
                     ref_volume_mm3: float = REF_VOLUME_MM3, mean_shift_max_iter: int = 20,
                     kernel: str = "gaussian", density_stride: int = DENSITY_STRIDE,
                     centre_hu_power: float = CENTRE_HU_POWER, blob_hu: float | None = BLOB_HU,
-                    device=None, seed: int = 0) -> pd.DataFrame:
+                    outside_hu: float | None = OUTSIDE_HU, device=None, seed: int = 0) -> pd.DataFrame:
     """Find nodule candidates in the lungs of a CT volume.
 
     Parameters
@@ -208,6 +218,9 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     blob_hu : float or None
         Candidates in one compact blob of voxels denser than this (HU) are merged into
         the biggest (step 6); ``None`` turns the merge off.
+    outside_hu : float or None
+        Voxels outside the mask are set to this (HU) for the shape index (step 1);
+        ``None`` (default, :data:`OUTSIDE_HU`) keeps them.
     device : str, optional
         Torch device for the clustering; ``None``: CUDA when available, else CPU.
     seed : int
@@ -256,7 +269,11 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
         raise ValueError(f"max_candidates must be an int >= 1, got {max_candidates!r}")
     from stages.cluster import kmeans, mean_shift
 
-    pts, idx = extract_features(vol, mask, hu_floor=hu_floor, sigma_mm=sigma_mm,
+    if outside_hu is not None and not np.isfinite(outside_hu):
+        raise ValueError(f"outside_hu must be a finite number or None, got {outside_hu!r}")
+    shape_vol = vol if outside_hu is None else vol.with_array(
+        np.where(mask.array != 0, vol.array, np.asarray(outside_hu).astype(vol.array.dtype)))
+    pts, idx = extract_features(shape_vol, mask, hu_floor=hu_floor, sigma_mm=sigma_mm,
                                 scale_mm=scale_mm, scale_hu=scale_hu, scale_si=scale_si)
     keep = pts[:, 4] * scale_si >= si_floor
     pts, idx = pts[keep], idx[keep]

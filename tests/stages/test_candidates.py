@@ -184,3 +184,25 @@ def test_one_candidate_per_compact_dense_blob():
     assert merged.loc[0, "volume_mm3"] == apart["volume_mm3"].max()
     # the blob spans 29 mm along x: with a 25 mm limit it is no nodule and nothing is merged
     assert len(find_candidates(vol, mask, device="cpu", max_diameter_mm=25.0)) == 2
+
+
+@pytest.mark.parametrize("radius_mm, centre_x", [(2.5, 12.0), (3.0, 12.5)])
+def test_juxta_pleural_nodule_is_a_blob_once_the_wall_is_air(radius_mm, centre_x):
+    # a small nodule on the chest wall (x < 12 mm), kept inside the lung mask
+    z, y, x = np.mgrid[:48, :48, :48]
+    arr = np.where(x < 12, 40, -850).astype(np.int16)
+    ball = (z - 24) ** 2 + (y - 24) ** 2 + (x - centre_x) ** 2 <= radius_mm ** 2
+    arr[ball] = 40
+    vol = Volume(arr, spacing_mm=(1, 1, 1), scan_id="jp")
+    mask = vol.with_array(((x >= 12) | ball).astype(np.uint8))
+    found = {}
+    for outside in (None, -1000.0):
+        c = find_candidates(vol, mask, device="cpu", outside_hu=outside)
+        off = np.linalg.norm(c[["coordZ", "coordY", "coordX"]].to_numpy() - [24, 24, centre_x], axis=1)
+        found[outside] = {"shape_index": c["shape_index"].iloc[int(off.argmin())], "off_mm": off.min()}
+    # with the wall, the nodule is a bump (shape index about 0.91); with the wall as air, a
+    # blob (about 0.99), and the mark sits on its centre
+    assert found[None]["shape_index"] < 0.95 < found[-1000.0]["shape_index"]
+    assert found[-1000.0]["off_mm"] < 0.25 and found[-1000.0]["off_mm"] < found[None]["off_mm"]
+    with pytest.raises(ValueError, match="outside_hu"):
+        find_candidates(vol, mask, device="cpu", outside_hu=float("nan"))
