@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.features import SCALE_HU, SCALE_MM, SCALE_SI
+
 log = logging.getLogger(__name__)
 
 #: Clustered voxels: inside the lung mask and denser than this (HU).
@@ -51,14 +53,8 @@ MAX_RUN_S = 60.0
 MAX_PRESET_S = 300.0
 
 
-def _bandwidth():
-    from stages.features import SCALE_HU, SCALE_MM, SCALE_SI
-
-    return (SCALE_MM, SCALE_MM, SCALE_MM, SCALE_HU, SCALE_SI)
-
-
 #: Mean-shift bandwidth per feature: z, y, x (mm), HU, shape index (the pipeline's scales).
-BANDWIDTH = _bandwidth()
+BANDWIDTH = (SCALE_MM, SCALE_MM, SCALE_MM, SCALE_HU, SCALE_SI)
 
 
 def lung_points_and_timings(image_path=None, device=None):

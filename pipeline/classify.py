@@ -85,16 +85,21 @@ def merge_nearby(candidates: pd.DataFrame, merge_mm: float = MERGE_MM, *,
     order = candidates.sort_values(by, ascending=False, kind="stable").reset_index(drop=True)
     xyz = order[["coordX", "coordY", "coordZ"]].to_numpy(float)
     scans = order["seriesuid"].to_numpy() if "seriesuid" in order.columns else np.zeros(len(order))
-    keep = np.zeros(len(order), bool)
+    keep = np.ones(len(order), bool)
     absorbed = np.zeros(len(order), np.int64)
-    for i in range(len(order)):
-        kept = np.flatnonzero(keep & (scans == scans[i]))
-        if merge_mm > 0 and kept.size:
-            d = np.linalg.norm(xyz[kept] - xyz[i], axis=1)
-            if d.min() < merge_mm:
-                absorbed[kept[np.argmax(d < merge_mm)]] += 1  # the most probable one in reach
-                continue
-        keep[i] = True
+    if merge_mm > 0:  # scan by scan (a run-level table holds every scan's marks)
+        _, scan_of = np.unique(scans, return_inverse=True)
+        by_scan = np.argsort(scan_of, kind="stable")  # each scan's rows, most probable first
+        for rows in np.split(by_scan, np.cumsum(np.bincount(scan_of))[:-1]):
+            kept: list[int] = []
+            for i in rows:
+                if kept:
+                    near = np.flatnonzero(np.linalg.norm(xyz[kept] - xyz[i], axis=1) < merge_mm)
+                    if near.size:  # merged into the most probable kept mark in reach
+                        keep[i] = False
+                        absorbed[kept[near[0]]] += 1
+                        continue
+                kept.append(i)
     order["merged"] = ~keep
     order["n_merged"] = absorbed
     if demote == 0:
