@@ -9,10 +9,12 @@ import numpy as np
 from pipeline.io import atomic_path
 from stages.volume import Volume, xyz_to_zyx
 
-__all__ = ["save_preview", "save_candidate_pictures", "WINDOW_HU"]
+__all__ = ["save_preview", "save_candidate_pictures", "WINDOW_HU", "MAX_MARKS"]
 
 #: Display window (lung window: level -600, width 1500).
 WINDOW_HU = (-1350.0, 150.0)
+#: Marks circled on the overview: the screen classifies every candidate (hundreds on real CT).
+MAX_MARKS = 20
 
 
 def _figure():
@@ -32,7 +34,8 @@ def _candidate_index(ct: Volume, candidates) -> np.ndarray:
 
 
 def save_preview(ct: Volume, path, *, mask: Volume | None = None, candidates=None,
-                 centre_zyx_mm=None, title: str | None = None, radius_col: str = "diameter_mm") -> Path:
+                 centre_zyx_mm=None, title: str | None = None, radius_col: str = "diameter_mm",
+                 max_marks: int = MAX_MARKS) -> Path:
     """Write a PNG of the axial, coronal and sagittal slices through ``centre_zyx_mm``.
 
     Parameters
@@ -45,13 +48,16 @@ def save_preview(ct: Volume, path, *, mask: Volume | None = None, candidates=Non
         Label volume on ``ct``'s grid, outlined in colour.
     candidates : DataFrame, optional
         LUNA16-style rows (coordX, coordY, coordZ in world mm, optional diameter_mm);
-        those within 10 mm of a drawn slice are circled, the first in red.
+        the first ``max_marks`` rows (the most probable, as the screen sorts them) are
+        circled where they lie within 10 mm of a drawn slice, the first in red.
     centre_zyx_mm : array_like, optional
         World point (z, y, x) the slices pass through; default: the first candidate, or
         the centre of the lung mask, or the centre of the volume.
     """
     plt = _figure()
     arr = np.asarray(ct.array, dtype=np.float32)
+    if candidates is not None:
+        candidates = candidates.head(max_marks)
     cand_idx = _candidate_index(ct, candidates)
     if centre_zyx_mm is not None:
         centre = np.round(ct.world_to_index(centre_zyx_mm)).astype(int)

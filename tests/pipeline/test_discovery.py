@@ -52,7 +52,7 @@ def test_config_extends_and_rejects_bad_files(tmp_path):
     from pipeline.config import load_config
 
     luna = load_config(Path(__file__).resolve().parents[2] / "configs" / "luna16.yaml")
-    assert luna["candidates"]["max_candidates"] == 100
+    assert luna["candidates"]["max_candidates"] == 1000
     assert luna["candidates"]["bandwidth"] == 1.0 and luna["stages"][0] == "ingest"
     (tmp_path / "bad.yaml").write_text("stages: [ingest\n")
     with pytest.raises(ValueError, match="not valid YAML"):
@@ -63,3 +63,19 @@ def test_config_extends_and_rejects_bad_files(tmp_path):
     (tmp_path / "python.yaml").write_text("stages: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(tmp_path / "python.yaml")
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "luna16.yaml", "dsb2017.yaml"])
+def test_configs_classify_more_candidates_than_the_froc_reads(name):
+    """The classifier, not the detector's score, picks the marks LUNA16's FROC reads: the
+    detector hands over more than the FROC's cap (real CT gives about 600 candidates and a
+    nodule can rank past 100 by the detector's score)."""
+    import inspect
+
+    from pipeline.config import load_config
+    from pipeline.evaluate import froc
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
+    cap = inspect.signature(froc).parameters["max_marks_per_scan"].default
+    assert "classify" in config["stages"]
+    assert config["candidates"]["max_candidates"] > cap
