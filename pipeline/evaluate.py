@@ -45,10 +45,13 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 __all__ = ["FrocResult", "froc", "write_froc", "read_seriesuids", "add_arguments",
-           "run_from_args", "main", "FP_RATES", "ANNOTATION_COLUMNS", "CANDIDATE_COLUMNS"]
+           "run_from_args", "main", "FP_RATES", "MAX_MARKS_PER_SCAN", "ANNOTATION_COLUMNS",
+           "CANDIDATE_COLUMNS"]
 
 #: The seven operating points of the LUNA16 CPM, in false positives per scan.
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: Most marks per scan the official script reads (the most probable ones).
+MAX_MARKS_PER_SCAN = 100
 #: Columns an annotation table (annotations.csv, annotations_excluded.csv) must have.
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 #: Columns a candidate (CAD mark) table must have; ``score`` may stand for ``probability``.
@@ -209,7 +212,7 @@ def _froc_curve(y, score, n_scans, n_lesions, weight=None, *, presorted=False):
 
 # ----------------------------------------------------------------------------- main API
 def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.DataFrame | None = None,
-         seriesuids: Iterable[str] | None = None, max_marks_per_scan: int = 100,
+         seriesuids: Iterable[str] | None = None, max_marks_per_scan: int = MAX_MARKS_PER_SCAN,
          fp_rates: Iterable[float] = FP_RATES, n_bootstrap: int = 1000, seed: int = 0) -> FrocResult:
     """FROC analysis of CAD marks against LUNA16 annotations, as the official script.
 
@@ -447,7 +450,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seriesuids", default=None,
                         help="seriesuids.csv listing the evaluated scans (default: scans in annotations)")
     parser.add_argument("--out", default=None, help="folder for froc.csv, froc.png, froc.json")
-    parser.add_argument("--max-marks-per-scan", type=int, default=100, help="official cap; <=0 for none")
+    parser.add_argument("--max-marks-per-scan", type=int, default=MAX_MARKS_PER_SCAN, help="official cap; <=0 for none")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap samples (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return parser
