@@ -9,6 +9,15 @@ How :func:`find_candidates` works
    shape index is taken with every voxel outside the lung mask set to it (air): a
    juxta-pleural nodule, which the mask keeps, is then a blob rather than a bump on the
    chest wall (its voxels' shape index falls to about 0.5-0.7 with the wall there).
+1b. **Wall pass** (``wall_pass_hu``): a juxta-pleural nodule's dense core, which the mask
+   keeps, is a plateau next to the wall, so the first pass clusters only its lung-facing
+   rim and the mark sits off-centre, towards the lung.  The in-mask voxels denser than
+   ``wall_pass_hu`` whose shape index changes (by more than ``WALL_SI_CHANGE``) when the
+   voxels outside the mask are set to air, i.e. those within reach of the wall, are taken
+   again with the wall-as-air shape index and go through steps 2-6 on their own; each of
+   their marks is added to the first pass's list unless a first-pass mark lies within
+   ``wall_dedupe_mm`` of it.  Nothing of the first pass is moved or dropped (unlike
+   ``outside_hu``, which replaces the shape index of every point).
 2. **Clusters**: the points' 26-connected components give one seed each (their mean
    feature); :func:`stages.cluster.mean_shift` moves the seeds to the modes of the feature
    density over all points (``method="mean_shift"``, bandwidth in scaled units), or
@@ -96,6 +105,13 @@ BLOB_HU = -400.0
 #: classifier fine-tuned on these candidates, went from 0.784 to 0.788 on
 #: ``data/bench96/val`` and from 0.921 to 0.879 on ``data/bench48/val``, so it is off.
 OUTSIDE_HU = None
+#: The wall pass (step 1b, ``wall_pass_hu``): in-mask voxels denser than this many HU whose
+#: shape index changes by more than WALL_SI_CHANGE when the wall is set to air are
+#: clustered again with the wall-as-air shape index; a mark of that pass joins the list
+#: unless a first-pass mark lies within WALL_DEDUPE_MM of it.
+WALL_PASS_HU = None
+WALL_SI_CHANGE = 0.01
+WALL_DEDUPE_MM = 1.0
 #: Half-size (mm) of the box searched for the lung border around a candidate.
 PLEURA_SEARCH_MM = 20.0
 
@@ -168,6 +184,102 @@ def _one_per_compact_blob(rows, vol: Volume, lung: np.ndarray, blob_hu: float, m
     return [r for i, r in enumerate(out) if i not in drop]
 
 
+def _cluster(shape, pts, idx, *, method, bandwidth, si_floor, scale_si, min_voxels,
+             density_stride, device, kernel, max_iter, seed):
+    """Steps 1-2 on one point set: ``(points, index, cluster label)`` of the kept points, or
+    ``None`` when none is left."""
+    from stages.cluster import kmeans, mean_shift
+
+    keep = pts[:, 4] * scale_si >= si_floor
+    pts, idx = pts[keep], idx[keep]
+    if pts.shape[0] == 0:
+        return None
+    # connected components of the points: one seed each
+    grid = np.zeros(shape, bool)
+    grid[tuple(idx.T)] = True
+    comp, n_comp = ndi.label(grid, structure=np.ones((3, 3, 3), bool))
+    comp_of = comp[tuple(idx.T)]
+    del grid, comp
+    sizes = np.bincount(comp_of, minlength=n_comp + 1)
+    big = sizes[comp_of] >= min_voxels
+    pts, idx, comp_of = pts[big], idx[big], comp_of[big]
+    if pts.shape[0] == 0:
+        return None
+    ids, inverse = np.unique(comp_of, return_inverse=True)
+    counts = np.bincount(inverse).astype(np.float64)
+    seeds = np.stack([np.bincount(inverse, weights=pts[:, j]) / counts for j in range(5)], axis=1)
+    # the density is estimated on a sub-grid of the big components' points (cost)
+    on_grid = np.all(idx % density_stride == 0, axis=1) | (counts[inverse] < SMALL_COMPONENT)
+    dens = pts[on_grid].astype(np.float64)
+    if method == "mean_shift":
+        res = mean_shift(dens, bandwidth, seeds=seeds, device=device, kernel=kernel, dtype="float32",
+                         max_iter=max_iter, tol=MEAN_SHIFT_TOL, cutoff=MEAN_SHIFT_CUTOFF,
+                         seed=seed)
+    else:
+        res = kmeans(dens, min(len(ids), dens.shape[0]), device=device, dtype="float32", seed=seed)
+    log.debug("candidates: %d points, %d density points, %d seeds, %d modes, %s iterations",
+              len(pts), len(dens), len(seeds), len(res.centres), getattr(res, "n_iter", "?"))
+    labels = cKDTree(res.centres).query(pts, k=1)[1]
+    # a cluster = the points of one component sharing one mode
+    group = inverse.astype(np.int64) * (len(res.centres) + 1) + labels
+    _, cluster = np.unique(group, return_inverse=True)
+    return pts, idx, cluster
+
+
+def _measure(vol: Volume, clustered, *, hu_floor, scale_si, min_diameter_mm,
+             max_diameter_mm, min_sphericity, min_voxels, ref_volume_mm3, centre_hu_power):
+    """Steps 3-5: one row ``(centre_zyx_mm, diameter, score, volume, mean_hu, mean_si,
+    sphericity, n)`` per cluster that passes the rules."""
+    if clustered is None:
+        return []
+    pts, idx, cluster = clustered
+    spacing = np.asarray(vol.spacing_mm)
+    voxel_mm3 = float(np.prod(spacing))
+    world = vol.index_to_world(idx)
+    hu = vol.array[tuple(idx.T)].astype(np.float64)
+    si = pts[:, 4].astype(np.float64) * scale_si
+    order = np.argsort(cluster, kind="stable")
+    bounds = np.flatnonzero(np.diff(cluster[order])) + 1
+    rows = []
+    for members in np.split(order, bounds):
+        n = members.size
+        if n < min_voxels:
+            continue
+        w = world[members]
+        mean = w.mean(axis=0)
+        cov = np.cov((w - mean).T) if n > 1 else np.zeros((3, 3))
+        evals, evecs = np.linalg.eigh(cov)
+        proj = (w - mean) @ evecs
+        # the mark: the density-weighted centre, on the dense core rather than the faint rim
+        weight = np.clip(hu[members] - hu_floor, 0.0, None) ** centre_hu_power
+        centre = (w * weight[:, None]).sum(axis=0) / weight.sum() if weight.sum() > 0 else mean
+        extent = proj.max(axis=0) - proj.min(axis=0) + spacing.mean()
+        diameter = float(extent.mean())
+        sphericity = float(np.sqrt(max(evals[0], 0) / evals[2])) if evals[2] > 0 else 1.0
+        if not (min_diameter_mm <= diameter <= max_diameter_mm) or sphericity < min_sphericity:
+            continue
+        volume = n * voxel_mm3
+        mean_si = float(si[members].mean())
+        si_term = float(np.clip((mean_si - SCORE_SI_LOW) / (1.0 - SCORE_SI_LOW), 0.0, 1.0))
+        size_term = 1.0 - np.exp(-volume / ref_volume_mm3)
+        score = sphericity * si_term ** SCORE_SI_POWER * size_term
+        rows.append((centre, diameter, score, volume, float(hu[members].mean()), mean_si,
+                     sphericity, n))
+    return rows
+
+
+def _one_per_blob(rows, max_candidates: int):
+    """Drop a row whose centre lies inside a better one (rows sorted best first); keep the
+    best ``max_candidates``."""
+    kept = []
+    for r in rows:
+        if all(np.linalg.norm(r[0] - k[0]) > k[1] / 2 for k in kept):
+            kept.append(r)
+        if len(kept) == max_candidates:
+            break
+    return kept
+
+
 def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
                     bandwidth: float = BANDWIDTH, max_candidates: int = MAX_CANDIDATES,
                     hu_floor: float = HU_FLOOR, si_floor: float = SI_FLOOR,
@@ -179,7 +291,10 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
                     ref_volume_mm3: float = REF_VOLUME_MM3, mean_shift_max_iter: int = 20,
                     kernel: str = "gaussian", density_stride: int = DENSITY_STRIDE,
                     centre_hu_power: float = CENTRE_HU_POWER, blob_hu: float | None = BLOB_HU,
-                    outside_hu: float | None = OUTSIDE_HU, device=None, seed: int = 0) -> pd.DataFrame:
+                    outside_hu: float | None = OUTSIDE_HU,
+                    wall_pass_hu: float | None = WALL_PASS_HU,
+                    wall_dedupe_mm: float = WALL_DEDUPE_MM, device=None,
+                    seed: int = 0) -> pd.DataFrame:
     """Find nodule candidates in the lungs of a CT volume.
 
     Parameters
@@ -221,6 +336,11 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     outside_hu : float or None
         Voxels outside the mask are set to this (HU) for the shape index (step 1);
         ``None`` (default, :data:`OUTSIDE_HU`) keeps them.
+    wall_pass_hu : float or None
+        Dense-voxel floor (HU) of the wall pass (step 1b); ``None`` (default,
+        :data:`WALL_PASS_HU`) turns it off.  Ignored when ``outside_hu`` is set.
+    wall_dedupe_mm : float
+        A wall-pass mark this close (mm) to a first-pass mark is not added.
     device : str, optional
         Torch device for the clustering; ``None``: CUDA when available, else CPU.
     seed : int
@@ -267,94 +387,50 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     if isinstance(max_candidates, bool) or not isinstance(max_candidates, (int, np.integer)) \
             or max_candidates < 1:
         raise ValueError(f"max_candidates must be an int >= 1, got {max_candidates!r}")
-    from stages.cluster import kmeans, mean_shift
-
     if outside_hu is not None and not np.isfinite(outside_hu):
         raise ValueError(f"outside_hu must be a finite number or None, got {outside_hu!r}")
-    shape_vol = vol if outside_hu is None else vol.with_array(
-        np.where(mask.array != 0, vol.array, np.asarray(outside_hu).astype(vol.array.dtype)))
-    pts, idx = extract_features(shape_vol, mask, hu_floor=hu_floor, sigma_mm=sigma_mm,
-                                scale_mm=scale_mm, scale_hu=scale_hu, scale_si=scale_si)
-    keep = pts[:, 4] * scale_si >= si_floor
-    pts, idx = pts[keep], idx[keep]
-    if pts.shape[0] == 0:
-        return _empty(vol.scan_id)
-    # connected components of the points: one seed each
-    grid = np.zeros(vol.shape, bool)
-    grid[tuple(idx.T)] = True
-    comp, n_comp = ndi.label(grid, structure=np.ones((3, 3, 3), bool))
-    comp_of = comp[tuple(idx.T)]
-    del grid, comp
-    sizes = np.bincount(comp_of, minlength=n_comp + 1)
-    big = sizes[comp_of] >= min_voxels
-    pts, idx, comp_of = pts[big], idx[big], comp_of[big]
-    if pts.shape[0] == 0:
-        return _empty(vol.scan_id)
-    ids, inverse = np.unique(comp_of, return_inverse=True)
-    counts = np.bincount(inverse).astype(np.float64)
-    seeds = np.stack([np.bincount(inverse, weights=pts[:, j]) / counts for j in range(5)], axis=1)
-    # the density is estimated on a sub-grid of the big components' points (cost)
-    on_grid = np.all(idx % density_stride == 0, axis=1) | (counts[inverse] < SMALL_COMPONENT)
-    dens = pts[on_grid].astype(np.float64)
-    if method == "mean_shift":
-        res = mean_shift(dens, bandwidth, seeds=seeds, device=device, kernel=kernel, dtype="float32",
-                         max_iter=mean_shift_max_iter, tol=MEAN_SHIFT_TOL, cutoff=MEAN_SHIFT_CUTOFF,
-                         seed=seed)
-    else:
-        res = kmeans(dens, min(len(ids), dens.shape[0]), device=device, dtype="float32", seed=seed)
-    log.debug("candidates: %d points, %d density points, %d seeds, %d modes, %s iterations",
-              len(pts), len(dens), len(seeds), len(res.centres), getattr(res, "n_iter", "?"))
-    labels = cKDTree(res.centres).query(pts, k=1)[1]
-    # a cluster = the points of one component sharing one mode
-    group = inverse.astype(np.int64) * (len(res.centres) + 1) + labels
-    _, cluster = np.unique(group, return_inverse=True)
-
-    spacing = np.asarray(vol.spacing_mm)
-    voxel_mm3 = float(np.prod(spacing))
-    world = vol.index_to_world(idx)
-    hu = vol.array[tuple(idx.T)].astype(np.float64)
-    si = pts[:, 4].astype(np.float64) * scale_si
+    if wall_pass_hu is not None and not np.isfinite(wall_pass_hu):
+        raise ValueError(f"wall_pass_hu must be a finite number or None, got {wall_pass_hu!r}")
+    if not np.isfinite(wall_dedupe_mm) or wall_dedupe_mm < 0:
+        raise ValueError(f"wall_dedupe_mm must be a finite number >= 0, got {wall_dedupe_mm!r}")
+    air = np.asarray(-1000 if outside_hu is None else outside_hu).astype(vol.array.dtype)
+    wall_air = vol.with_array(np.where(mask.array != 0, vol.array, air))
+    fkw = dict(hu_floor=hu_floor, sigma_mm=sigma_mm, scale_mm=scale_mm, scale_hu=scale_hu,
+               scale_si=scale_si)
+    pts, idx = extract_features(vol if outside_hu is None else wall_air, mask, **fkw)
+    ckw = dict(method=method, bandwidth=bandwidth, si_floor=si_floor, scale_si=scale_si,
+               min_voxels=min_voxels, density_stride=density_stride, device=device,
+               kernel=kernel, max_iter=mean_shift_max_iter, seed=seed)
+    mkw = dict(hu_floor=hu_floor, scale_si=scale_si, min_diameter_mm=min_diameter_mm,
+               max_diameter_mm=max_diameter_mm, min_sphericity=min_sphericity,
+               min_voxels=min_voxels, ref_volume_mm3=ref_volume_mm3,
+               centre_hu_power=centre_hu_power)
     lung = mask.array != 0
-    order = np.argsort(cluster, kind="stable")
-    bounds = np.flatnonzero(np.diff(cluster[order])) + 1
-    rows = []
-    for members in np.split(order, bounds):
-        n = members.size
-        if n < min_voxels:
-            continue
-        w = world[members]
-        mean = w.mean(axis=0)
-        cov = np.cov((w - mean).T) if n > 1 else np.zeros((3, 3))
-        evals, evecs = np.linalg.eigh(cov)
-        proj = (w - mean) @ evecs
-        # the mark: the density-weighted centre, on the dense core rather than the faint rim
-        weight = np.clip(hu[members] - hu_floor, 0.0, None) ** centre_hu_power
-        centre = (w * weight[:, None]).sum(axis=0) / weight.sum() if weight.sum() > 0 else mean
-        extent = proj.max(axis=0) - proj.min(axis=0) + spacing.mean()
-        diameter = float(extent.mean())
-        sphericity = float(np.sqrt(max(evals[0], 0) / evals[2])) if evals[2] > 0 else 1.0
-        if not (min_diameter_mm <= diameter <= max_diameter_mm) or sphericity < min_sphericity:
-            continue
-        volume = n * voxel_mm3
-        mean_si = float(si[members].mean())
-        si_term = float(np.clip((mean_si - SCORE_SI_LOW) / (1.0 - SCORE_SI_LOW), 0.0, 1.0))
-        size_term = 1.0 - np.exp(-volume / ref_volume_mm3)
-        score = sphericity * si_term ** SCORE_SI_POWER * size_term
-        rows.append((centre, diameter, score, volume, float(hu[members].mean()), mean_si,
-                     sphericity, n))
+    passes = [(pts, idx)]
+    if wall_pass_hu is not None and outside_hu is None and len(pts):
+        # the wall pass: dense voxels whose shape index the chest wall changes, seen with the
+        # wall as air (a juxta-pleural nodule's core is a blob there, a plateau here)
+        pts_air, _ = extract_features(wall_air, mask, **fkw)
+        near_wall = (np.abs(pts_air[:, 4] - pts[:, 4]) * scale_si > WALL_SI_CHANGE) \
+            & (pts[:, 3] * scale_hu > wall_pass_hu)
+        passes.append((pts_air[near_wall], idx[near_wall]))
+    found = []
+    for p_pts, p_idx in passes:
+        rows = _measure(vol, _cluster(vol.shape, p_pts, p_idx, **ckw), **mkw)
+        if rows and blob_hu is not None:
+            rows = _one_per_compact_blob(rows, vol, lung, blob_hu, max_diameter_mm)
+        found.append(_one_per_blob(sorted(rows, key=lambda r: -r[2]), max_candidates))
+    rows = found[0]
+    if len(found) > 1 and found[1]:
+        # a wall-pass mark joins unless a first-pass mark lies within wall_dedupe_mm of it
+        first = np.array([r[0] for r in rows]).reshape(-1, 3)
+        extra = [r for r in found[1] if not len(first)
+                 or np.min(np.linalg.norm(first - r[0], axis=1)) > wall_dedupe_mm]
+        rows = sorted(rows + extra, key=lambda r: -r[2])[:max_candidates]
+        log.debug("candidates: wall pass added %d of %d marks", len(extra), len(found[1]))
     if not rows:
         return _empty(vol.scan_id)
-    if blob_hu is not None:
-        rows = _one_per_compact_blob(rows, vol, lung, blob_hu, max_diameter_mm)
-    rows.sort(key=lambda r: -r[2])
-    # one blob, one candidate: drop a candidate whose centre lies inside a better one
-    kept = []
-    for r in rows:
-        if all(np.linalg.norm(r[0] - k[0]) > k[1] / 2 for k in kept):
-            kept.append(r)
-        if len(kept) == max_candidates:
-            break
-    rows = kept
+    spacing = np.asarray(vol.spacing_mm)
     centres = np.array([r[0] for r in rows])
     centre_idx = vol.world_to_index(centres)
     df = pd.DataFrame({

@@ -206,3 +206,39 @@ def test_juxta_pleural_nodule_is_a_blob_once_the_wall_is_air(radius_mm, centre_x
     assert found[-1000.0]["off_mm"] < 0.25 and found[-1000.0]["off_mm"] < found[None]["off_mm"]
     with pytest.raises(ValueError, match="outside_hu"):
         find_candidates(vol, mask, device="cpu", outside_hu=float("nan"))
+
+
+def test_wall_pass_adds_a_centred_mark_for_a_juxta_pleural_nodule():
+    """A 3.5 mm-radius nodule half in the chest wall (x < 12 mm) and a free one: the first
+    pass sees only the nodule's lung-facing rim as blob-like, so its mark sits off-centre;
+    the wall pass clusters the nodule's dense in-mask voxels with the wall as air and adds a
+    mark on its centre.  Every first-pass mark stays; the free nodule gets no second mark."""
+    z, y, x = np.mgrid[:48, :48, :48]
+    arr = np.where(x < 12, 40, -850).astype(np.int16)
+    jp = (z - 24) ** 2 + (y - 16) ** 2 + (x - 13) ** 2 <= 3.5 ** 2
+    free = (z - 24) ** 2 + (y - 34) ** 2 + (x - 30) ** 2 <= 3.5 ** 2
+    arr[jp | free] = 40
+    vol = Volume(arr, spacing_mm=(1, 1, 1), scan_id="wall")
+    mask = vol.with_array(((x >= 12) | jp).astype(np.uint8))
+    xyz = ["coordZ", "coordY", "coordX"]
+
+    def off(c, centre):
+        return np.linalg.norm(c[xyz].to_numpy() - centre, axis=1)
+
+    first = find_candidates(vol, mask, device="cpu")
+    both = find_candidates(vol, mask, device="cpu", wall_pass_hu=-320.0)
+    assert off(first, [24, 16, 13]).min() > 1.0            # off the juxta-pleural centre
+    assert off(both, [24, 16, 13]).min() < 0.5             # the wall pass's mark
+    assert (off(both, [24, 34, 30]) < 3.5).sum() == 1      # the free nodule: one mark
+    for _, row in first.iterrows():                        # every first-pass mark is kept
+        assert np.linalg.norm(both[xyz].to_numpy() - row[xyz].to_numpy(float), axis=1).min() == 0
+    assert len(both) == len(first) + 1
+    # a wall-pass mark within wall_dedupe_mm of a first-pass mark is not added
+    far = find_candidates(vol, mask, device="cpu", wall_pass_hu=-320.0, wall_dedupe_mm=50.0)
+    pd.testing.assert_frame_equal(far, first)
+    # only voxels denser than wall_pass_hu take part: the nodule is 40 HU
+    pd.testing.assert_frame_equal(find_candidates(vol, mask, device="cpu", wall_pass_hu=100.0), first)
+    with pytest.raises(ValueError, match="wall_pass_hu"):
+        find_candidates(vol, mask, device="cpu", wall_pass_hu=float("nan"))
+    with pytest.raises(ValueError, match="wall_dedupe_mm"):
+        find_candidates(vol, mask, device="cpu", wall_pass_hu=-320.0, wall_dedupe_mm=-1.0)
