@@ -107,9 +107,11 @@ BLOB_HU = -400.0
 OUTSIDE_HU = None
 #: The wall pass (step 1b, ``wall_pass_hu``): in-mask voxels denser than this many HU whose
 #: shape index changes by more than WALL_SI_CHANGE when the wall is set to air are
-#: clustered again with the wall-as-air shape index; a mark of that pass joins the list
+#: clustered again with the shape index of the scan whose voxels outside the mask are
+#: WALL_AIR_HU (air); a mark of that pass joins the list
 #: unless a first-pass mark lies within WALL_DEDUPE_MM of it.
 WALL_PASS_HU = None
+WALL_AIR_HU = -1000.0
 WALL_SI_CHANGE = 0.01
 WALL_DEDUPE_MM = 1.0
 #: Half-size (mm) of the box searched for the lung border around a candidate.
@@ -393,11 +395,13 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
         raise ValueError(f"wall_pass_hu must be a finite number or None, got {wall_pass_hu!r}")
     if not np.isfinite(wall_dedupe_mm) or wall_dedupe_mm < 0:
         raise ValueError(f"wall_dedupe_mm must be a finite number >= 0, got {wall_dedupe_mm!r}")
-    air = np.asarray(-1000 if outside_hu is None else outside_hu).astype(vol.array.dtype)
-    wall_air = vol.with_array(np.where(mask.array != 0, vol.array, air))
+    def wall_as(hu):  # the scan with every voxel outside the lung mask set to hu
+        return vol.with_array(np.where(mask.array != 0, vol.array,
+                                       np.asarray(hu).astype(vol.array.dtype)))
+
     fkw = dict(hu_floor=hu_floor, sigma_mm=sigma_mm, scale_mm=scale_mm, scale_hu=scale_hu,
                scale_si=scale_si)
-    pts, idx = extract_features(vol if outside_hu is None else wall_air, mask, **fkw)
+    pts, idx = extract_features(vol if outside_hu is None else wall_as(outside_hu), mask, **fkw)
     ckw = dict(method=method, bandwidth=bandwidth, si_floor=si_floor, scale_si=scale_si,
                min_voxels=min_voxels, density_stride=density_stride, device=device,
                kernel=kernel, max_iter=mean_shift_max_iter, seed=seed)
@@ -410,7 +414,7 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     if wall_pass_hu is not None and outside_hu is None and len(pts):
         # the wall pass: dense voxels whose shape index the chest wall changes, seen with the
         # wall as air (a juxta-pleural nodule's core is a blob there, a plateau here)
-        pts_air, _ = extract_features(wall_air, mask, **fkw)
+        pts_air, _ = extract_features(wall_as(WALL_AIR_HU), mask, **fkw)
         near_wall = (np.abs(pts_air[:, 4] - pts[:, 4]) * scale_si > WALL_SI_CHANGE) \
             & (pts[:, 3] * scale_hu > wall_pass_hu)
         passes.append((pts_air[near_wall], idx[near_wall]))
