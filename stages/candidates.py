@@ -413,11 +413,14 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     passes = [(pts, idx)]
     if wall_pass_hu is not None and outside_hu is None and len(pts):
         # the wall pass: dense voxels whose shape index the chest wall changes, seen with the
-        # wall as air (a juxta-pleural nodule's core is a blob there, a plateau here)
-        pts_air, _ = extract_features(wall_as(WALL_AIR_HU), mask, **fkw)
-        near_wall = (np.abs(pts_air[:, 4] - pts[:, 4]) * scale_si > WALL_SI_CHANGE) \
-            & (pts[:, 3] * scale_hu > wall_pass_hu)
-        passes.append((pts_air[near_wall], idx[near_wall]))
+        # wall as air (a juxta-pleural nodule's core is a blob there, a plateau here); the
+        # shape index is taken only at the voxels denser than wall_pass_hu, which come in
+        # the same (argwhere) order as in pts
+        dense = vol.array[tuple(idx.T)] > wall_pass_hu
+        dense_mask = mask.with_array((lung & (vol.array > wall_pass_hu)).view(np.uint8))
+        pts_air, _ = extract_features(wall_as(WALL_AIR_HU), dense_mask, **fkw)
+        changed = np.abs(pts_air[:, 4] - pts[dense, 4]) * scale_si > WALL_SI_CHANGE
+        passes.append((pts_air[changed], idx[dense][changed]))
     found = []
     for p_pts, p_idx in passes:
         rows = _measure(vol, _cluster(vol.shape, p_pts, p_idx, **ckw), **mkw)
