@@ -25,7 +25,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["classify_candidates", "merge_nearby", "DEFAULT_WEIGHTS", "MERGE_MM", "DEMOTE"]
+__all__ = ["classify_candidates", "merge_nearby", "DEFAULT_WEIGHTS", "MERGE_MM", "DEMOTE", "TTA_TOP"]
 
 #: The weights `make train` writes and the repository ships (see models/nodule_cnn3d.md).
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "nodule_cnn3d.pt"
@@ -38,6 +38,9 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "nodule_cn
 MERGE_MM = 10.0
 #: A merged mark's probability is multiplied by this (0 drops it).
 DEMOTE = 0.01
+#: Candidates, best first by the CNN's first pass, that get test-time augmentation
+#: (LUNA16's FROC reads a scan's 100 most probable marks).
+TTA_TOP = 100
 
 
 def merge_nearby(candidates: pd.DataFrame, merge_mm: float = MERGE_MM, *,
@@ -116,8 +119,15 @@ def _model(path: str, mtime_ns: int, device):
 
 
 def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=None, tta: int = 8,
-                        batch_size: int = 64, merge_mm: float = 0.0) -> pd.DataFrame:
+                        tta_top: int | None = TTA_TOP, max_candidates: int | None = None,
+                        batch_size: int = 64, merge_mm: float = 0.0, progress=None) -> pd.DataFrame:
     """Add a ``probability`` column to ``candidates`` and sort by it (highest first).
+
+    A cascade: one pass of the CNN over every candidate (no flips), then test-time
+    augmentation (``tta`` flip combinations, the first pass's one included) only for the
+    ``tta_top`` candidates the first pass ranks highest, the ones LUNA16's FROC reads.  The
+    others keep their first-pass probability.  ``max_candidates`` keeps only the first
+    pass's best, so the list a scan leaves is short.
 
     Parameters
     ----------
@@ -131,13 +141,27 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
     device : str, optional
         ``None``: CUDA if available, else the CPU.
     tta : int
-        Flip combinations averaged (1 = none, 8 = all).
+        Flip combinations averaged for the best candidates (1 = none, 8 = all).
+    tta_top : int, optional
+        How many candidates, best first by the first pass, get ``tta``; ``None``: all of
+        them (every candidate scored ``tta`` times, as before the cascade).
+    max_candidates : int, optional
+        Keep at most this many candidates, the best by the first pass; ``None``: all.
     batch_size : int
         Cubes per forward pass.
     merge_mm : float
         Then merge marks closer than this (mm) into the more probable one
         (:func:`merge_nearby`, which demotes them; adds ``merged`` and ``n_merged``); 0
         keeps every mark as it is.  The screen's config sets :data:`MERGE_MM`.
+    progress : callable, optional
+        ``progress(done, total)`` as cubes are scored (forward passes of one cube, both
+        passes counted; ``total`` is known from the start).
+
+    Returns
+    -------
+    DataFrame
+        ``candidates`` with ``probability`` after ``score`` and ``tta`` (bool: the
+        probability is a ``tta``-flip average), most probable first.
 
     Raises
     ------
@@ -146,9 +170,13 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
     """
     import torch
 
-    from nets.cnn3d import normalize_hu, predict_tta
+    from nets.cnn3d import FLIP_AXES, normalize_hu, predict_tta
     from stages.patches import extract_patches
 
+    if tta_top is not None and tta_top < 0:
+        raise ValueError(f"tta_top must be >= 0 or None, got {tta_top!r}")
+    if max_candidates is not None and max_candidates < 1:
+        raise ValueError(f"max_candidates must be >= 1 or None, got {max_candidates!r}")
     path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
     if not path.is_absolute() and not path.exists():
         path = DEFAULT_WEIGHTS.parent.parent / path
@@ -159,13 +187,38 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
     out = candidates.copy()
     if len(out) == 0:
         out["probability"] = pd.Series(dtype=float)
+        out["tta"] = pd.Series(dtype=bool)
         return out
     pre = model.preprocessing
     cubes = extract_patches(ct, centres_xyz_mm=out[["coordX", "coordY", "coordZ"]].to_numpy(float),
                             size_mm=pre["size_mm"], spacing_mm=pre["spacing_mm"])
     x = torch.from_numpy(normalize_hu(cubes, tuple(pre["clip_hu"])))
-    prob = predict_tta(model, x, n=tta, batch_size=batch_size).numpy().astype(np.float64)
+    n_top = len(x) if tta_top is None else min(int(tta_top), len(x))
+    n_more = (tta - 1) if tta > 1 else 0
+    total = len(x) + n_top * n_more
+
+    def first_pass(done, _):
+        if progress is not None:
+            progress(done, total)
+
+    prob = predict_tta(model, x, n=1, batch_size=batch_size, progress=first_pass).numpy().astype(np.float64)
+    # the first pass's ranking (ties: the detector's order) picks who gets the flips and who stays
+    rank = np.argsort(-prob, kind="stable")
+    top = rank[:n_top]
+    if n_more and n_top:
+        def second_pass(done, _):
+            if progress is not None:
+                progress(len(x) + done, total)
+
+        flipped = predict_tta(model, x[torch.from_numpy(top)], flips=FLIP_AXES[1:tta],
+                              batch_size=batch_size, progress=second_pass).numpy().astype(np.float64)
+        prob[top] = (prob[top] + n_more * flipped) / tta
+    augmented = np.zeros(len(x), bool)
+    augmented[top] = n_more > 0
     where = out.columns.get_loc("score") + 1 if "score" in out.columns else len(out.columns)
     out.insert(where, "probability", np.round(prob, 6))  # LUNA16 columns, score, probability, features
+    out.insert(where + 1, "tta", augmented)
+    if max_candidates is not None:
+        out = out.iloc[np.sort(rank[:max_candidates])]
     out = out.sort_values(["probability", "score"], ascending=False, kind="stable").reset_index(drop=True)
     return merge_nearby(out, merge_mm) if merge_mm != 0 else out

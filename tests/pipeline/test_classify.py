@@ -92,3 +92,37 @@ def test_classify_merges_nearby_marks_when_asked(tmp_path, ct):
     assert np.isclose(merged["probability"].iloc[-1], pair.min() * 0.01)
     with pytest.raises(ValueError, match="merge_mm"):
         classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, merge_mm=-2.0)
+
+
+def test_cascade_flips_only_the_first_pass_best_and_cuts_by_it(tmp_path, ct):
+    torch.manual_seed(1)
+    model = NoduleNet3D(widths=(4, 8))
+    weights = save_classifier(model, tmp_path / "w.pt", size_mm=16.0)
+    cands = _cands(ct)
+    cubes = torch.from_numpy(normalize_hu(extract_patches(
+        ct, centres_xyz_mm=cands[["coordX", "coordY", "coordZ"]].to_numpy(), size_mm=16.0)))
+    model.eval()
+    one = predict_tta(model, cubes, n=1).numpy()
+    eight = predict_tta(model, cubes, n=8).numpy()
+    assert not np.allclose(one, eight, atol=1e-4)  # the flips change the numbers, so the test can tell
+    best = int(np.argmax(one))
+    seen = []
+    out = classify_candidates(ct, cands, weights=weights, device="cpu", tta=8, tta_top=1,
+                              progress=lambda done, total: seen.append((done, total)))
+    by_score = out.set_index("score")
+    for i, score in enumerate(cands["score"]):
+        expect = eight[i] if i == best else one[i]
+        assert by_score.loc[score, "probability"] == pytest.approx(expect, abs=1e-5)
+        assert bool(by_score.loc[score, "tta"]) == (i == best)
+    # 3 first-pass cubes + 7 more flips of one cube, reported as they are scored, ending at the total
+    assert seen[-1] == (10, 10) and all(t == 10 for _, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # tta_top=None flips every cube: the pre-cascade screen
+    full = classify_candidates(ct, cands, weights=weights, device="cpu", tta=8, tta_top=None)
+    assert full["tta"].all()
+    np.testing.assert_allclose(full.set_index("score").loc[cands["score"], "probability"], eight, atol=1e-5)
+    # max_candidates keeps the first pass's best
+    cut = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, max_candidates=2)
+    assert sorted(cut["score"]) == sorted(cands["score"].to_numpy()[np.argsort(-one)[:2]])
+    with pytest.raises(ValueError, match="max_candidates"):
+        classify_candidates(ct, cands, weights=weights, device="cpu", max_candidates=0)
