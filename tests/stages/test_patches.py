@@ -65,3 +65,23 @@ def test_errors():
         extract_patches(vol, centres_zyx_mm=np.zeros((2, 2)))
     with pytest.raises(TypeError, match="Volume"):
         extract_patch(vol.array, centre_zyx_mm=[0, 0, 0])
+
+
+def test_axis_aligned_fast_path_matches_map_coordinates_inside_at_and_beyond_the_edges():
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(-1000, 400, size=(20, 23, 26)).astype(np.int16)
+    vol = Volume(arr, spacing_mm=(1.0, 1.0, 1.0), origin_mm=(-5.0, 3.0, 7.5))
+    # centres inside, straddling each face, on exact voxel centres, and wholly outside the scan
+    idx = np.concatenate([rng.uniform(-3, np.array(arr.shape) + 2, size=(40, 3)),
+                          [[0, 0, 0], [19, 22, 25], [10.0, 11.5, 12.25], [-30, 5, 5]]])
+    centres = vol.index_to_world(idx)
+    got = extract_patches(vol, centres_zyx_mm=centres, size_mm=9.0)
+    offs = np.arange(9) - 9 // 2
+    grid = np.stack(np.meshgrid(offs, offs, offs, indexing="ij"), axis=-1).reshape(-1, 3)
+    for c, cube in zip(idx, got):
+        ref = ndi.map_coordinates(arr.astype(np.float32), (grid + c).T, order=1, mode="constant",
+                                  cval=-1000.0).reshape(9, 9, 9)
+        np.testing.assert_allclose(cube, ref, atol=2e-3)
+    assert (got[-1] == -1000).all() and not (got[0] == -1000).all()
