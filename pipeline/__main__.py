@@ -14,6 +14,9 @@ __all__ = ["main"]
 
 
 def _add_run(sub) -> None:
+    from pipeline.cache import CACHE_CHOICES, DEFAULT_CACHE
+    from pipeline.run import PICTURES
+
     p = sub.add_parser("run", help="run the pipeline on one scan or a tree of scans")
     p.add_argument("scan_dir", nargs="?", help="DICOM folder, tree of scans, image file or list file")
     p.add_argument("--demo", action="store_true", help="run on the built-in demo scan")
@@ -26,13 +29,24 @@ def _add_run(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="process only the first N scans found")
     p.add_argument("--only", action="append", default=None,
                    help="process only scans whose path contains this text (repeatable)")
-    p.add_argument("--pictures", type=int, default=5, help="PNG pictures of the top N candidates")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--pictures", type=int, default=PICTURES,
+                   help=f"PNG pictures of the top N candidates (default: {PICTURES})")
+    p.add_argument("--cache", choices=CACHE_CHOICES, default=DEFAULT_CACHE,
+                   help="what each scan's scan.h5 keeps: none (no file), stages (every stage result "
+                        "but the CT volumes, so a resumed run recomputes only ingest and resample) "
+                        f"or all (the CT too, about 100 MB more a scan) (default: {DEFAULT_CACHE})")
+    p.add_argument("--save-ct", action="store_true",
+                   help="also write ct_1mm.nrrd (int16 HU at 1 mm, about 40 MB a scan)")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: one line per stage start and end, as off a terminal")
+    shown.add_argument("--quiet", action="store_true", help="only the final summary and errors")
 
 
 def _run(args) -> int:
     from pipeline.batch import discover_scans, run_many
     from pipeline.config import load_config
+    from pipeline.progress import DEFAULT_MODE
     from stages.errors import ScanError
 
     if args.executor == "dask" and not args.scheduler:
@@ -53,9 +67,10 @@ def _run(args) -> int:
     if not scans:
         print(f"error: {source}: no scans found", file=sys.stderr)
         return 2
+    progress = "quiet" if args.quiet else "log" if args.no_progress else DEFAULT_MODE
     results = run_many(scans, args.out, config, workers=args.workers, force=args.force,
                        executor=args.executor, scheduler=args.scheduler, pictures=args.pictures,
-                       progress=False if args.no_progress else None)
+                       progress=progress, cache=args.cache, save_ct=args.save_ct)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.source}: {r.error}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
+import os
 import platform
 import resource
 import sys
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.cache import DEFAULT_CACHE, check_cache_choice
 from pipeline.io import write_csv, write_json
-from pipeline.run import ScanResult, process_scan
+from pipeline.progress import DEFAULT_MODE, Reporter
+from pipeline.run import PICTURES, ScanResult, process_scan
 from stages.errors import ScanError
 
 log = logging.getLogger(__name__)
@@ -99,12 +102,14 @@ def _walk(folder: Path) -> list[Path]:
     return out
 
 
-def _one(path, out_dir, config, force, pictures, prepare_only=False, on_stage=None) -> ScanResult:
+def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DEFAULT_CACHE,
+         save_ct=False, reporter=None) -> ScanResult:
     """Process one scan; turn any failure into a one-line error (never raises)."""
     logging.basicConfig(level=logging.WARNING)
     try:
         result = process_scan(path, out_dir, config, force=force, pictures=pictures,
-                              prepare_only=prepare_only, on_stage=on_stage)
+                              prepare_only=prepare_only, cache=cache, save_ct=save_ct,
+                              reporter=reporter)
     except ScanError as exc:
         result = ScanResult(source=str(path), status="failed", error=exc.reason)
     except MemoryError:
@@ -116,6 +121,21 @@ def _one(path, out_dir, config, force, pictures, prepare_only=False, on_stage=No
                                   f"(at {Path(where.filename).name}:{where.lineno})")
     result.seconds["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
+
+
+def _start_worker(torch_threads: int) -> None:
+    """Pool initializer: the worker's torch threads, set once (workers share the cores)."""
+    import torch
+
+    torch.set_num_threads(torch_threads)
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    """``workers`` spawned processes (no fork after torch/OpenMP start), each with its share
+    of the CPU cores as torch threads."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_start_worker, initargs=(threads,))
 
 
 def first_gpu_stage(config: dict) -> str | None:
@@ -131,44 +151,52 @@ def first_gpu_stage(config: dict) -> str | None:
 
 
 def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, force: bool = False,
-             executor: str = "local", scheduler: str | None = None, pictures: int = 5,
-             progress: bool | None = None, gpu_from: str | None = "auto") -> list[ScanResult]:
+             executor: str = "local", scheduler: str | None = None, pictures: int = PICTURES,
+             progress: str | bool | None = DEFAULT_MODE, gpu_from: str | None = "auto",
+             cache: str = DEFAULT_CACHE, save_ct: bool = False) -> list[ScanResult]:
     """Process ``scans``, then write the run-level files; returns one result per scan.
 
     Parameters
     ----------
     workers : int
-        Scans processed at once (a process pool when > 1).
+        Scans processed at once (a process pool when > 1, each worker with
+        ``cpu_count // workers`` torch threads, set once; one process keeps torch's default).
     executor : {"local", "dask"}
         ``"dask"`` submits scans to the Dask distributed scheduler at ``scheduler``
         (``tcp://host:8786``); every worker must see ``out_dir`` and the scans.
-    progress : bool, optional
-        tqdm bars with ETA; default: when stderr is a terminal.
+    pictures : int
+        ``candidate_NN.png`` pictures of each scan's best candidates.
+    progress : {"auto", "bar", "log", "quiet"}
+        What the run shows on stderr (:mod:`pipeline.progress`): tqdm bars, one line per
+        stage start and end, or nothing; ``"auto"``: bars on a terminal, lines otherwise.
+        Worker processes print lines in ``"log"`` mode and nothing otherwise.  ``True``,
+        ``False`` and ``None`` (before these modes) mean ``"bar"``, ``"log"`` and ``"auto"``.
     gpu_from : str, optional
         With ``workers > 1`` on the local pool: the stages before this one run in the pool
         (and are cached), this stage and those after it run in this one process, scan after
         scan, so one CUDA context serves every scan and GPU memory is not split between
         workers.  ``"auto"``: the first stage that will run on CUDA (none without a GPU).
+    cache : {"none", "stages", "all"}
+        What each scan's ``scan.h5`` keeps (:mod:`pipeline.cache`).
+    save_ct : bool
+        Also write each scan's ``ct_1mm.nrrd``.
     """
-    from tqdm.auto import tqdm
-
+    check_cache_choice(cache)
+    if progress is None or isinstance(progress, bool):
+        progress = {None: "auto", True: "bar", False: "log"}[progress]
+    reporter = Reporter(progress)
+    worker_reporter = Reporter("log") if reporter.mode == "log" else None  # no bars from workers
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     args = [(str(p), str(out_dir), config, force, pictures) for p in scans]
-    bar = tqdm(total=len(args), unit="scan", desc="scans",
-               disable=not (sys.stderr.isatty() if progress is None else progress))
+    options = {"cache": cache, "save_ct": save_ct}
+    reporter.scans_bar(len(args))
     results: list[ScanResult] = []
-
-    def stage_shower(source):
-        def show(stage):
-            bar.set_postfix_str(f"{Path(source).name}: {stage}"[:60])
-        return None if bar.disable else show
 
     def collect(res: ScanResult):
         results.append(res)
-        bar.update(1)
-        bar.set_postfix_str(f"{res.status} {res.scan_id or Path(res.source).name}"[:60])
+        reporter.scan_done(res, len(results), len(args))
         if res.status == "failed":
             log.warning("%s: %s", res.source, res.error)
 
@@ -176,19 +204,20 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
         from distributed import Client, as_completed
 
         with Client(scheduler) as client:
-            futures = [client.submit(_one, *a, pure=False) for a in args]
+            futures = [client.submit(_one, *a, **options, reporter=worker_reporter, pure=False)
+                       for a in args]
             for fut in as_completed(futures):
                 collect(fut.result())
     elif workers > 1 and len(args) > 1:
         split = first_gpu_stage(config) if gpu_from == "auto" else gpu_from
         cpu_stages = config["stages"][:config["stages"].index(split)] if split else []
-        ctx = multiprocessing.get_context("spawn")  # no fork after torch/OpenMP start
         if cpu_stages:  # CPU stages in the pool, then the GPU stages here, one scan at a time
-            prep = tqdm(total=len(args), unit="scan", desc="CPU stages", disable=bar.disable)
             cpu_config = {**config, "stages": cpu_stages}
             prepared = {}
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futs = {pool.submit(_one, a[0], a[1], cpu_config, a[3], a[4], True): a for a in args}
+            with _pool(workers) as pool:
+                futs = {pool.submit(_one, a[0], a[1], cpu_config, a[3], a[4], True, **options,
+                                    reporter=worker_reporter): a for a in args}
+                prep = reporter.bar(len(args), desc="CPU stages")
                 for fut in cf.as_completed(futs):
                     res = fut.result()
                     prep.update(1)
@@ -199,22 +228,23 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
             prep.close()
             for source in sorted(prepared):
                 a, cpu_res = prepared[source]
-                res = _one(*a, on_stage=stage_shower(a[0]))
+                res = _one(*a, **options, reporter=reporter)
                 res.seconds = {**cpu_res.seconds, **res.seconds,
                                "peak_rss_mb": max(cpu_res.seconds.get("peak_rss_mb", 0),
                                                   res.seconds.get("peak_rss_mb", 0))}
                 collect(res)
         else:
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                for fut in cf.as_completed([pool.submit(_one, *a) for a in args]):
+            with _pool(workers) as pool:
+                futs = [pool.submit(_one, *a, **options, reporter=worker_reporter) for a in args]
+                for fut in cf.as_completed(futs):
                     collect(fut.result())
     else:
         for a in args:
-            collect(_one(*a, on_stage=stage_shower(a[0])))
-    bar.close()
+            collect(_one(*a, **options, reporter=reporter))
+    reporter.close()
     results.sort(key=lambda r: r.source)
     write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
-                    executor=executor)
+                    executor=executor, cache=cache)
     return results
 
 

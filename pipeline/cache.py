@@ -5,6 +5,22 @@ code version and the keys of its inputs).  A rerun loads a group whose key still
 and recomputes the rest.  The file is never modified in place: every update writes a new
 file under a temporary name (copying the groups that stay) and renames it, so a run
 killed at any moment leaves either the old cache or the new one, never a corrupt file.
+
+What a finished scan's ``scan.h5`` keeps is the run's ``cache`` choice (:data:`CACHE_CHOICES`):
+
+* ``"all"``: every stage result, the CT volumes included (the CT twice, as read and at
+  1 mm: about 100 MB for a 512x512x300 scan);
+* ``"stages"`` (the default, :data:`DEFAULT_CACHE`): every result but the CT volumes
+  (:data:`CT_OUTPUTS`): the lung mask and the candidate tables stay, so a resumed run
+  recomputes only ingest and resample (seconds) when it needs the CT;
+* ``"none"``: no ``scan.h5``; a finished scan is still skipped (its ``scan.json``), an
+  unfinished one is recomputed from the start.
+
+Volumes are stored with gzip (level :data:`GZIP_LEVEL`) after HDF5's byte shuffle, which
+measured clearly smaller than lzf at a similar speed on a 512x512x300 phantom at 1 mm
+(300x358x358 voxels): the uint8 lung mask 0.38 MB against 1.35 MB (written in 0.1 s
+either way); the int16 CT 32.5 MB against 60.7 MB (40.8 MB with gzip but no shuffle),
+written in 1.1 s against 0.5 s, read in 0.3 s either way.
 """
 from __future__ import annotations
 
@@ -20,7 +36,40 @@ import pandas as pd
 from pipeline.io import atomic_path
 from stages.volume import Volume
 
-__all__ = ["StageCache", "stage_key", "code_version"]
+__all__ = ["StageCache", "stage_key", "code_version", "caches_output", "check_cache_choice",
+           "CACHE_CHOICES", "DEFAULT_CACHE", "CT_OUTPUTS", "GZIP_LEVEL"]
+
+#: What a finished scan's ``scan.h5`` keeps: nothing, every result but the CT, everything.
+CACHE_CHOICES = ("none", "stages", "all")
+#: The ``cache`` of :func:`pipeline.run.process_scan`, :func:`pipeline.batch.run_many` and
+#: the CLI's ``--cache``.
+DEFAULT_CACHE = "stages"
+#: Stage outputs that are the CT itself (int16 HU, tens of MB a scan): kept only with "all".
+CT_OUTPUTS = ("ct", "ct_1mm")
+#: gzip level of the volumes in ``scan.h5`` (1 fastest .. 9 smallest).
+GZIP_LEVEL = 4
+
+
+def check_cache_choice(cache: str) -> str:
+    """``cache`` if it is one of :data:`CACHE_CHOICES`; ValueError otherwise."""
+    if cache not in CACHE_CHOICES:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_CHOICES)}; got {cache!r}")
+    return cache
+
+
+def caches_output(output: str, cache: str) -> bool:
+    """Whether the stage output named ``output`` (``ct``, ``lung_mask``...) is kept in
+    ``scan.h5`` under the ``cache`` choice.
+
+    Examples
+    --------
+    >>> caches_output("lung_mask", "stages"), caches_output("ct_1mm", "stages")
+    (True, False)
+    >>> caches_output("ct_1mm", "all"), caches_output("candidates", "none")
+    (True, False)
+    """
+    check_cache_choice(cache)
+    return cache == "all" or (cache == "stages" and output not in CT_OUTPUTS)
 
 
 def code_version(files) -> str:
@@ -42,7 +91,8 @@ def stage_key(name: str, settings: dict, code: str, input_keys: list[str]) -> st
 def _write_value(group: h5py.Group, value: Any) -> None:
     if isinstance(value, Volume):
         group.attrs["type"] = "volume"
-        group.create_dataset("array", data=value.array, compression="lzf", chunks=True)
+        group.create_dataset("array", data=value.array, chunks=True, compression="gzip",
+                             compression_opts=GZIP_LEVEL, shuffle=True)
         group.attrs["spacing_mm"] = value.spacing_mm
         group.attrs["origin_mm"] = value.origin_mm
         group.attrs["direction"] = np.asarray(value.direction)
@@ -113,8 +163,8 @@ class StageCache:
         """Store ``value`` under ``name`` (replacing an older one), atomically."""
         self.put_many({name: (key, value)})
 
-    def put_many(self, items: dict[str, tuple[str, Any]]) -> None:
-        """Store several results in one rewrite of the file."""
+    def put_many(self, items: dict[str, tuple[str, Any]], *, drop=()) -> None:
+        """Store several results in one rewrite of the file, leaving out the names in ``drop``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         old = self.keys()
         with atomic_path(self.path) as tmp:
@@ -122,9 +172,20 @@ class StageCache:
                 if old:
                     with h5py.File(self.path, "r") as src:
                         for name in src:
-                            if name not in items:
+                            if name not in items and name not in drop:
                                 src.copy(src[name], dst, name=name)
                 for name, (key, value) in items.items():
                     group = dst.create_group(name)
                     group.attrs["key"] = key
                     _write_value(group, value)
+
+    def drop(self, names) -> None:
+        """Remove the results ``names`` (absent ones are ignored), atomically; the file
+        itself when nothing is left."""
+        keys = self.keys()
+        if not set(names) & set(keys):
+            return
+        if set(keys) <= set(names):
+            self.path.unlink()
+        else:
+            self.put_many({}, drop=tuple(names))

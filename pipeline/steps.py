@@ -8,6 +8,10 @@ the same name.  ``configs/default.yaml``'s ``stages:`` list says which run, in o
 
 To swap a stage, point the registry entry at another function with the same inputs and
 outputs; nothing else changes.
+
+A step with a ``progress_unit`` (classify: ``"cubes"``) also takes ``progress=``, a callable
+``progress(done, total)`` counting that unit, which :func:`pipeline.run.process_scan`
+passes for a progress display.  It is not a setting: it never enters the stage's cache key.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ __all__ = ["Step", "STEPS", "get_step"]
 
 @dataclass(frozen=True)
 class Step:
-    """One pipeline step: ``fn(**inputs, **settings) -> dict`` of ``outputs``."""
+    """One pipeline step: ``fn(**inputs, **settings[, progress=...]) -> dict`` of ``outputs``."""
 
     name: str
     fn: Callable
@@ -29,6 +33,7 @@ class Step:
     outputs: tuple[str, ...]
     modules: tuple[str, ...]  # whose source code is part of the cache key
     cache: bool = True
+    progress_unit: str | None = None  # what fn's progress(done, total) counts; None: no progress=
 
 
 def _ingest(path, **settings):
@@ -55,11 +60,11 @@ def _candidates(ct_1mm, lung_mask, *, device="auto", **settings):
     return {"candidates": find_candidates(ct_1mm, lung_mask, device=_device(device), **settings)}
 
 
-def _classify(ct_1mm, candidates, *, weights=None, device="auto", **settings):
+def _classify(ct_1mm, candidates, *, weights=None, device="auto", progress=None, **settings):
     from pipeline.classify import classify_candidates
 
-    return {"candidates": classify_candidates(ct_1mm, candidates, weights=weights,
-                                              device=_device(device), **settings)}
+    return {"candidates": classify_candidates(ct_1mm, candidates, weights=weights, device=_device(device),
+                                              progress=progress, **settings)}
 
 
 def _device(device):
@@ -73,7 +78,7 @@ STEPS: dict[str, Step] = {
     "candidates": Step("candidates", _candidates, ("ct_1mm", "lung_mask"), ("candidates",),
                        ("stages.candidates", "stages.features", "stages.cluster")),
     "classify": Step("classify", _classify, ("ct_1mm", "candidates"), ("candidates",),
-                     ("pipeline.classify", "nets.cnn3d", "stages.patches")),
+                     ("pipeline.classify", "nets.cnn3d", "stages.patches"), progress_unit="cubes"),
 }
 
 

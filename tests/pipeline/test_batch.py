@@ -91,8 +91,9 @@ def test_dsb_tree_with_broken_scans_runs_to_the_end(tmp_path):
     html = (out / "report.html").read_text()
     assert "20 scans done, 5 failed" in html
     for d in done:
-        for name in ("ct_1mm.nrrd", "lung_mask.nrrd", "candidates.csv", "preview.png", "scan.h5"):
+        for name in ("lung_mask.nrrd", "candidates.csv", "preview.png", "scan.h5"):
             assert (d / name).exists(), (d, name)
+        assert not (d / "ct_1mm.nrrd").exists()  # only with --save-ct
     assert not list(out.rglob(".*.part*"))
 
 
@@ -143,13 +144,15 @@ def test_dask_executor_matches_local_pool(tmp_path):
         assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
-def test_stage_cache_recomputes_only_what_changed(tmp_path):
+@pytest.mark.parametrize("cache, again", [("stages", {"ingest", "resample"}), ("all", set())])
+def test_stage_cache_recomputes_only_what_changed(tmp_path, cache, again):
+    """A changed candidates setting recomputes candidates, and the CT when it is not cached."""
     tree = tmp_path / "one"
     _phantom_tree(tree, 1, seed0=80)
     out = tmp_path / "out"
     config = _config(tmp_path)
-    assert main(["run", str(tree), "--out", str(out), "--config", str(config), "--no-progress",
-                 "--pictures", "0"]) == 0
+    args = ["--no-progress", "--pictures", "0", "--cache", cache]
+    assert main(["run", str(tree), "--out", str(out), "--config", str(config), *args]) == 0
     import json
 
     first = json.loads((out / "run.json").read_text())["scans"][0]
@@ -157,11 +160,10 @@ def test_stage_cache_recomputes_only_what_changed(tmp_path):
     settings = yaml.safe_load(config.read_text())
     settings.setdefault("candidates", {})["max_candidates"] = 7
     config.write_text(yaml.safe_dump(settings))
-    assert main(["run", str(tree), "--out", str(out), "--config", str(config), "--no-progress",
-                 "--pictures", "0"]) == 0
+    assert main(["run", str(tree), "--out", str(out), "--config", str(config), *args]) == 0
     second = json.loads((out / "run.json").read_text())["scans"][0]
     assert "candidates" in second["seconds"]
-    assert not {"ingest", "resample", "lungmask"} & set(second["seconds"])
+    assert {"ingest", "resample", "lungmask"} & set(second["seconds"]) == again
     assert len(pd.read_csv(out / "candidates.csv")) <= 7
 
 
@@ -232,8 +234,10 @@ def _phantom_tree_with_truth(root: Path):
                               shape_zyx=(60, 160, 160), spacing_mm=(2.5, 1.8, 1.8), n_nodules=3)
 
 
-def test_gpu_stages_in_one_process_give_the_same_outputs(tmp_path):
+def test_gpu_stages_in_one_process_give_the_same_outputs(tmp_path, capfd):
     """CPU stages in a 2-worker pool, later stages in the main process (as with a GPU)."""
+    import h5py
+
     from pipeline.batch import discover_scans, run_many
     from pipeline.config import load_config
 
@@ -243,9 +247,72 @@ def test_gpu_stages_in_one_process_give_the_same_outputs(tmp_path):
     config = load_config(_config(tmp_path))
     scans = discover_scans(tree)
     plain = run_many(scans, tmp_path / "plain", config, progress=False, pictures=0)
+    capfd.readouterr()
     split = run_many(scans, tmp_path / "split", config, workers=2, gpu_from="candidates",
-                     progress=False, pictures=0)
+                     progress="log", pictures=0)
     assert [r.status for r in split] == [r.status for r in plain]
+    log = capfd.readouterr().err  # the workers' lines too (spawned processes share stderr)
+    for r in split:
+        if r.status == "ok":
+            name = Path(r.source).name
+            for line in ("ingest started", "lungmask done in", "resample loaded from cache",
+                         "candidates started"):
+                assert f"{name}: {line}" in log, (name, line)
+            with h5py.File(Path(r.out_dir) / "scan.h5", "r") as f:  # the hand-off's CT is gone
+                assert sorted(f) == ["candidates.candidates", "lungmask.lung_mask"]
     assert all({"ingest", "lungmask", "candidates"} <= set(r.seconds) for r in split if r.status == "ok")
     for name in ("candidates.csv", "errors.csv"):
         assert (tmp_path / "split" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
+def _scan_dirs(out: Path) -> list[Path]:
+    return sorted(d for d in out.iterdir() if (d / "scan.json").exists())
+
+
+def test_cache_choices_give_the_same_candidates(tmp_path):
+    """--cache none|stages|all: the same CSVs; scan.h5 holds no CT by default, none at all
+    with none; --save-ct writes ct_1mm.nrrd."""
+    import h5py
+
+    tree = tmp_path / "dsb"
+    _phantom_tree(tree, 1, seed0=60)
+    config = str(_config(tmp_path))
+    runs = {"none": ["--cache", "none"], "stages": [], "all": ["--cache", "all", "--save-ct"]}
+    for name, extra in runs.items():
+        assert main(["run", str(tree), "--out", str(tmp_path / name), "--config", config,
+                     "--quiet", "--pictures", "0", *extra]) == 0
+    for name in ("none", "all"):
+        for csv in ("candidates.csv", "errors.csv"):
+            assert (tmp_path / name / csv).read_bytes() == (tmp_path / "stages" / csv).read_bytes()
+    assert all(not (d / "scan.h5").exists() for d in _scan_dirs(tmp_path / "none"))
+    for d in _scan_dirs(tmp_path / "stages"):
+        assert not (d / "ct_1mm.nrrd").exists()
+        with h5py.File(d / "scan.h5", "r") as f:
+            assert sorted(f) == ["candidates.candidates", "lungmask.lung_mask"]
+            assert f["lungmask.lung_mask/array"].compression == "gzip"
+    for d in _scan_dirs(tmp_path / "all"):
+        assert (d / "ct_1mm.nrrd").exists()
+        with h5py.File(d / "scan.h5", "r") as f:
+            assert {"ingest.ct", "resample.ct_1mm"} <= set(f)
+    # a finished scan is skipped, and its scan.h5 trimmed to the run's choice
+    assert main(["run", str(tree), "--out", str(tmp_path / "all"), "--config", config, "--quiet",
+                 "--pictures", "0"]) == 0
+    for d in _scan_dirs(tmp_path / "all"):
+        with h5py.File(d / "scan.h5", "r") as f:
+            assert not {"ingest.ct", "resample.ct_1mm"} & set(f)
+
+
+def test_pool_workers_share_the_cores_as_torch_threads():
+    import os
+
+    from pipeline.batch import _pool
+
+    with _pool(2) as pool:
+        threads = {pool.submit(_torch_threads).result() for _ in range(4)}
+    assert threads == {max(1, (os.cpu_count() or 1) // 2)}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
