@@ -1,5 +1,5 @@
 # lungscreen: `make run` (demo scan, or SCAN_DIR=...), `make test`, `make bench`.
-# The first call builds .venv from requirements.lock (pinned; torch==2.13.0 is the CPU build).
+# The first call builds .venv from requirements.lock (pinned; torch==2.13.0 takes the standard wheel, CUDA where pip offers it; a machine with a local CPU wheel of that version uses it).
 PYTHON   ?= python3
 VENV     := .venv
 BIN      := $(VENV)/bin

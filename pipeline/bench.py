@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 BENCHES = {"ingest": "pipeline.bench_ingest", "cluster": "pipeline.bench_cluster",
-           "train": "pipeline.bench_train", "batch": "pipeline.bench_batch"}
+           "train": "pipeline.bench_train", "batch": "pipeline.bench_batch", "screen": "pipeline.bench_screen"}
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ def run(out_dir="bench", *, scans: int = 6, workers: int = 2, big: bool = True) 
             write_phantom_scan(tree / f"p{i:02d}", fmt="dicom", seed=100 + i, **SMALL)
         found = discover_scans(tree)
         t0 = time.perf_counter()
-        res = run_many(found, Path(tmp) / "out", config, workers=workers, pictures=1, progress=False)
+        res = run_many(found, Path(tmp) / "out", config, workers=workers, pictures=1, progress="quiet")
         secs = time.perf_counter() - t0
         result["small"] = {"scan_shape_zyx": SMALL["shape_zyx"], "spacing_mm": SMALL["spacing_mm"],
                            "scans": len(found), "workers": workers, "seconds": round(secs, 2),
@@ -48,7 +48,7 @@ def run(out_dir="bench", *, scans: int = 6, workers: int = 2, big: bool = True) 
             write_phantom_scan(Path(tmp) / "big" / "p", fmt="dicom", seed=7, **BIG)
             t0 = time.perf_counter()
             res = run_many(discover_scans(Path(tmp) / "big"), Path(tmp) / "out_big", config, workers=1,
-                           pictures=1, progress=False)
+                           pictures=1, progress="quiet")
             result["big"] = {"scan_shape_zyx": BIG["shape_zyx"], "spacing_mm": BIG["spacing_mm"],
                              "seconds": round(time.perf_counter() - t0, 2),
                              "peak_rss_mb": res[0].seconds.get("peak_rss_mb"),
