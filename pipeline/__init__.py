@@ -1,1 +1,1 @@
-"""lungscreen orchestration: CLI, batch runs, stage cache, evaluation, benchmarks."""
+"""lungscreen orchestration: CLI, the screen, batch runs, stage cache, outputs, evaluation, LUNA16 reading, training."""

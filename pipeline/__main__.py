@@ -55,7 +55,7 @@ def _run(args) -> int:
     try:
         config = load_config(args.config)
         if args.demo or not args.scan_dir:
-            from pipeline.demo import demo_scan
+            from synth.demo import demo_scan
 
             source = demo_scan()
         else:

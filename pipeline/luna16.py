@@ -11,7 +11,7 @@ Layout (after unzipping the challenge's archives into one folder ``root``)::
 
 Coordinates are world millimetres (ITK / LPS, the ``.mhd`` header's frame), written
 ``x, y, z``; :func:`stages.volume.xyz_to_zyx` turns them into lungscreen's ``(z, y, x)``.
-The benchmark written by :mod:`pipeline.benchmark_data` uses the same names, one folder
+The benchmark written by :mod:`synth.benchmark_data` uses the same names, one folder
 per split, so everything here reads it too.
 """
 from __future__ import annotations

@@ -61,7 +61,7 @@ def _candidates(ct_1mm, lung_mask, *, device="auto", **settings):
 
 
 def _classify(ct_1mm, candidates, *, weights=None, device="auto", progress=None, **settings):
-    from pipeline.classify import classify_candidates
+    from stages.classify import classify_candidates
 
     return {"candidates": classify_candidates(ct_1mm, candidates, weights=weights, device=_device(device),
                                               progress=progress, **settings)}
@@ -78,7 +78,7 @@ STEPS: dict[str, Step] = {
     "candidates": Step("candidates", _candidates, ("ct_1mm", "lung_mask"), ("candidates",),
                        ("stages.candidates", "stages.features", "stages.cluster")),
     "classify": Step("classify", _classify, ("ct_1mm", "candidates"), ("candidates",),
-                     ("pipeline.classify", "nets.cnn3d", "stages.patches"), progress_unit="cubes"),
+                     ("stages.classify", "nets.cnn3d", "stages.patches"), progress_unit="cubes"),
 }
 
 

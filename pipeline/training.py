@@ -2,7 +2,7 @@
 
 ``python -m pipeline.training --data DIR [--out models/] [--epochs N] [--device auto|cpu|cuda]``
 
-The tree (LUNA16 as distributed, or :mod:`pipeline.benchmark_data`'s benchmark)::
+The tree (LUNA16 as distributed, or :mod:`synth.benchmark_data`'s benchmark)::
 
     DIR/subset0..subset9/<seriesuid>.mhd   or   DIR/train|val|test/<seriesuid>.mhd
     DIR/annotations.csv                    seriesuid,coordX,coordY,coordZ,diameter_mm
@@ -17,7 +17,7 @@ validation; else a fixed 80/20 split of the uids); take the candidates (``candid
 else :func:`stages.candidates.find_candidates` labelled by distance to the annotations, else
 the annotations plus random points away from them); keep every positive and at most
 ``max_neg_per_scan`` negatives per scan; cut ``size_mm`` cubes at 1 mm around each
-(:func:`stages.patches.extract_patches`, exactly as :mod:`pipeline.classify` does) and cache them in HDF5 so later runs and epochs never
+(:func:`stages.patches.extract_patches`, exactly as :mod:`stages.classify` does) and cache them in HDF5 so later runs and epochs never
 re-read scans; train :class:`nets.cnn3d.NoduleNet3D` with :class:`nets.train.Learner`
 (one-cycle, a fixed fraction of positives per batch, flips/rotations/zoom, checkpoint every
 epoch, CSV log); write the weights, a model card and the log to ``--out``.
@@ -236,7 +236,7 @@ def build_cube_cache(path, scans: pd.DataFrame, cands: pd.DataFrame, *, size_mm:
 
     ``scans`` needs ``seriesuid, path, split``; ``cands`` needs ``seriesuid, coordX/Y/Z, class``.
     Each scan is read once; cubes are cut with :func:`stages.patches.extract_patches`, the
-    call :func:`pipeline.classify.classify_candidates` makes at inference, and stored as int16
+    call :func:`stages.classify.classify_candidates` makes at inference, and stored as int16
     HU (rounded).  The file is written under a temporary name and renamed.
     """
     import h5py
@@ -271,7 +271,7 @@ def build_cube_cache(path, scans: pd.DataFrame, cands: pd.DataFrame, *, size_mm:
                             progress is not None else None):
                 vol = _read_scan(row.path)
                 rows = np.flatnonzero(cands["seriesuid"].to_numpy() == row.seriesuid)
-                # the call pipeline.classify makes at inference: the same cubes, float32 HU
+                # the call stages.classify makes at inference: the same cubes, float32 HU
                 cubes = extract_patches(vol, centres_xyz_mm=cands.loc[rows, ["coordX", "coordY",
                                                                                "coordZ"]].to_numpy(float),
                                         size_mm=size_mm, spacing_mm=spacing_mm)

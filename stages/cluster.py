@@ -752,7 +752,7 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
     for, bin seeding and binned points.  The truncation matters in five dimensions: the
     Gaussian keeps ``P(chi2_D <= cutoff^2)`` of its mass, 89 % at ``cutoff=3`` for D = 5
     (99.98 % at 5), and on sparse 5-D clouds with hundreds of weak modes this moves modes.
-    Measured on a 20k-point sample of the lung1 tissue cloud of ``pipeline/bench_cluster.py``
+    Measured on a 20k-point sample of the lung1 tissue cloud of ``bench/cluster.py``
     (the pipeline's feature scales as bandwidth; exact engine as the reference, adjusted
     Rand index of the labels, CPU float64): the defaults (``cutoff=6``, every point a seed,
     ``path_cell=0.02``) 0.998; ``path_cell=0.05`` 0.991; no path merging 0.998; its

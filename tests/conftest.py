@@ -5,7 +5,7 @@ import pytest
 @pytest.fixture(scope="session")
 def lung1():
     """``(image_path, label_path)`` of the real lung1 chest CT, or skip with the reason."""
-    from pipeline.data import DataUnavailable, lung1_paths
+    from synth.data import DataUnavailable, lung1_paths
 
     try:
         return lung1_paths()

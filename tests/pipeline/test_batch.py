@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
-from pipeline.data import pydicom_test_file
+from synth.data import pydicom_test_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def _config(tmp_path, stages=("ingest", "resample", "lungmask", "candidates")) -
 
 
 def _phantom_tree(root: Path, n: int, seed0: int = 0) -> list[Path]:
-    from pipeline.phantom import write_phantom_scan
+    from synth.phantom import write_phantom_scan
 
     folders = []
     for i in range(n):
@@ -43,8 +43,8 @@ def _phantom_tree(root: Path, n: int, seed0: int = 0) -> list[Path]:
 
 
 def _broken_scans(root: Path) -> None:
-    from pipeline.dicomio import write_rtstruct
-    from pipeline.phantom import write_phantom_scan
+    from synth.dicomio import write_rtstruct
+    from synth.phantom import write_phantom_scan
 
     # 1. truncated files: a whole series cut short
     trunc = root / "broken_truncated"
@@ -183,7 +183,7 @@ def test_no_patient_identifiers_in_any_output(tmp_path, caplog):
 
     import numpy as np
 
-    from pipeline.dicomio import write_dicom_series
+    from synth.dicomio import write_dicom_series
     from stages.volume import Volume
 
     secrets = {"PatientName": "DOE^JOHN", "PatientID": "PID778899", "PatientBirthDate": "19450317",
@@ -228,7 +228,7 @@ def test_default_config_screens_with_the_classifier(tmp_path):
 
 
 def _phantom_tree_with_truth(root: Path):
-    from pipeline.phantom import write_phantom_scan
+    from synth.phantom import write_phantom_scan
 
     return write_phantom_scan(root / "patient", fmt="dicom", seed=3,
                               shape_zyx=(60, 160, 160), spacing_mm=(2.5, 1.8, 1.8), n_nodules=3)

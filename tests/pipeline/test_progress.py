@@ -34,7 +34,7 @@ def _config(tmp_path, stages=STAGES) -> Path:
 
 
 def _phantom(tmp_path) -> Path:
-    from pipeline.phantom import write_phantom_scan
+    from synth.phantom import write_phantom_scan
 
     folder, _ = write_phantom_scan(tmp_path / "patient000", fmt="dicom", seed=5, **PHANTOM)
     return folder

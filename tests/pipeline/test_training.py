@@ -153,7 +153,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_cache_cubes_are_the_inference_cubes(tmp_path, rng):
-    """The cache holds exactly what pipeline.classify cuts (stages.patches.extract_patches),
+    """The cache holds exactly what stages.classify cuts (stages.patches.extract_patches),
     rounded to int16: training and inference see the same cubes."""
     from stages.patches import extract_patches
 
@@ -228,8 +228,8 @@ def test_committed_model_scores_phantom_nodules_above_plain_lung(seed):
     juxta-pleural, 6-20 mm) above cubes of plain lung, which score below 0.1."""
     from scipy import ndimage as ndi
 
-    from pipeline.classify import DEFAULT_WEIGHTS, classify_candidates
-    from pipeline.phantom import make_phantom
+    from stages.classify import DEFAULT_WEIGHTS, classify_candidates
+    from synth.phantom import make_phantom
 
     raw = torch.load(DEFAULT_WEIGHTS, weights_only=True)
     assert raw["preprocessing"]["size_mm"] == 32.0 and raw["preprocessing"]["spacing_mm"] == 1.0

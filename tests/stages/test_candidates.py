@@ -78,7 +78,7 @@ def test_errors():
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_phantom_chain_finds_every_nodule(seed):
-    from pipeline.phantom import make_phantom
+    from synth.phantom import make_phantom
     from stages.lungmask import segment_lungs
     from stages.resample import resample
 
@@ -97,7 +97,7 @@ def test_phantom_smallest_nodules_are_found():
     """A 3 mm solid nodule inside the lung and a 5 mm juxta-pleural one on its lateral wall."""
     from scipy import ndimage as ndi
 
-    from pipeline.phantom import make_phantom
+    from synth.phantom import make_phantom
     from stages.lungmask import segment_lungs
     from stages.resample import resample
 

@@ -116,7 +116,7 @@ def test_hashed_dimensions_do_not_change_result(rng):
 
 
 def test_lung1_point_cloud(lung1):
-    from pipeline.bench_cluster import BANDWIDTH, lung_points_and_timings
+    from bench.cluster import BANDWIDTH, lung_points_and_timings
 
     pts, scan = lung_points_and_timings(lung1[0], device="cpu")
     assert pts.shape[1] == len(BANDWIDTH) == 5 and len(pts) > 100_000
@@ -263,8 +263,8 @@ def test_kmeans_input_errors(kwargs, exc, match):
 def test_bench_cli_writes_and_merges_json(tmp_path):
     import json
 
-    from pipeline import bench_cluster
-    from pipeline.bench_cluster import BANDWIDTH, main
+    from bench import cluster as bench_cluster
+    from bench.cluster import BANDWIDTH, main
 
     pts = vessel_like(np.random.default_rng(1), n_tubes=2, n_per=80) * np.asarray(BANDWIDTH)
     np.save(tmp_path / "pts.npy", pts)
@@ -287,7 +287,7 @@ def test_bench_cli_writes_and_merges_json(tmp_path):
 
 
 def test_bench_skips_a_preset_whose_extrapolated_time_is_too_long(monkeypatch):
-    from pipeline import bench_cluster
+    from bench import cluster as bench_cluster
 
     pts = vessel_like(np.random.default_rng(2), n_tubes=2, n_per=60) * np.asarray(bench_cluster.BANDWIDTH)
     monkeypatch.setattr(bench_cluster, "MAX_PRESET_S", 100.0)

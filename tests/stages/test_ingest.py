@@ -6,8 +6,8 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from pipeline.data import DataUnavailable, pydicom_test_file
-from pipeline.dicomio import write_dicom_series, write_localizer, write_rtstruct
+from synth.data import DataUnavailable, pydicom_test_file
+from synth.dicomio import write_dicom_series, write_localizer, write_rtstruct
 from pipeline.io import write_volume
 from stages.errors import ScanError
 from stages.hounsfield import AIR_HU

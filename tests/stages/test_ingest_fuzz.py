@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.data import pydicom_test_file
+from synth.data import pydicom_test_file
 from stages.errors import ScanError
 from stages.ingest import read_scan
 from stages.volume import Volume

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.dicomio import write_dicom_series
+from synth.dicomio import write_dicom_series
 from pipeline.io import write_volume
 from stages.ingest import read_scan
 from stages.volume import Volume

@@ -131,7 +131,7 @@ def test_no_lung_gives_an_empty_mask():
 
 
 def test_phantom_matches_truth():
-    from pipeline.phantom import make_phantom
+    from synth.phantom import make_phantom
 
     vol, _, truth = make_phantom((56, 96, 96), (4.0, 2.5, 2.5), seed=3, n_nodules=2,
                                  return_truth=True)

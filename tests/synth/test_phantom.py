@@ -4,8 +4,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-import pipeline.phantom as ph
-from pipeline.phantom import KINDS, make_luna_tree, make_phantom, phantom_uid, write_phantom_scan
+import synth.phantom as ph
+from synth.phantom import KINDS, make_luna_tree, make_phantom, phantom_uid, write_phantom_scan
 
 SMALL = dict(shape_zyx=(48, 112, 112), spacing_mm=(6.0, 3.2, 3.2))
 
@@ -173,7 +173,7 @@ def test_other_formats(tmp_path, fmt, suffix):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dicom_series_reads_back(tmp_path, seed):
-    pytest.importorskip("pipeline.dicomio")
+    pytest.importorskip("synth.dicomio")
     from stages.ingest import read_scan
 
     folder, ann = write_phantom_scan(tmp_path / "series", seed=seed, n_nodules=2, **SMALL)

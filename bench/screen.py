@@ -1,7 +1,7 @@
 """Screen benchmark: the whole screen on the demo scan (lung1) and on a 512x512x300 phantom,
 stage by stage, beside the screen's quality on the development sets.
 
-``python -m pipeline.bench_screen [--out bench] [--threads 2] [--dev DIR ...]`` writes
+``python -m bench.screen [--out bench] [--threads 2] [--dev DIR ...]`` writes
 ``bench/screen.json`` under a key naming the device (``cpu-2-threads``, ``cuda-<name>``):
 
 * per scan: seconds per stage and in all, cold (a fresh process: imports, model load) and warm
@@ -53,7 +53,7 @@ def lung1_nodule():
     import numpy as np
     import SimpleITK as sitk
 
-    from pipeline.data import lung1_paths
+    from synth.data import lung1_paths
 
     label = sitk.ReadImage(str(lung1_paths()[1]))
     idx = np.argwhere(sitk.GetArrayFromImage(label) > 0)  # (z, y, x)
@@ -107,7 +107,7 @@ def _folder_mb_file(path: Path) -> float:
 
 def _in_child(source, threads: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, "-m", "pipeline.bench_screen", "--one", str(source),
+        subprocess.run([sys.executable, "-m", "bench.screen", "--one", str(source),
                         "--threads", str(threads), "--json", f.name], check=True)
         return json.loads(Path(f.name).read_text())
 
@@ -143,8 +143,8 @@ def dev_set(folder, threads: int) -> dict:
 
 
 def run(out_dir="bench", *, threads: int = 2, dev=DEV_SETS, big: bool = True) -> dict:
-    from pipeline.demo import demo_scan
-    from pipeline.phantom import write_phantom_scan
+    from synth.demo import demo_scan
+    from synth.phantom import write_phantom_scan
 
     result = {"cpu_count": os.cpu_count(), "torch_threads": threads, "date": time.strftime("%Y-%m-%d")}
     print("bench screen: demo scan (lung1)", flush=True)

@@ -660,7 +660,7 @@ def write_phantom_scan(folder, fmt: str = "dicom", **make_phantom_kwargs):
         For ``fmt="dicom"`` the series folder (one file per slice, shuffled hex names);
         otherwise the folder that gets ``<scan_id>.<ext>``.
     fmt : {"dicom", "mhd", "nrrd", "nii"}
-        DICOM goes through :func:`pipeline.dicomio.write_dicom_series` with the
+        DICOM goes through :func:`synth.dicomio.write_dicom_series` with the
         SeriesInstanceUID = ``scan_id`` and a rescale (slope, intercept) chosen by the seed
         from ``RESCALES`` (1/-1024, 0.5/-1024, 1/-1000: the last needs signed pixels);
         the rest through :func:`pipeline.io.write_volume` (``.mhd`` + ``.raw``, ``.nrrd``,
@@ -698,7 +698,7 @@ def write_phantom_scan(folder, fmt: str = "dicom", **make_phantom_kwargs):
     folder = Path(folder)
     seed = _check_seed(make_phantom_kwargs.get("seed", 0))
     if fmt == "dicom":
-        from pipeline.dicomio import write_dicom_series
+        from synth.dicomio import write_dicom_series
 
         slope, intercept = _rescale_for(seed)
         study = _uid(["lungscreen-phantom-study", vol.scan_id])

@@ -25,9 +25,9 @@ positions and the mask is resampled to 1 mm isotropic voxels (linear, threshold 
 
 The scans
 ---------
-Backgrounds are 1 mm chest CTs: the real ``lung1`` CT (:func:`pipeline.data.lung1_paths`,
+Backgrounds are 1 mm chest CTs: the real ``lung1`` CT (:func:`synth.data.lung1_paths`,
 resampled, cropped to the lungs, left-right flipped and shifted per scan) and synthetic
-chests from :func:`pipeline.phantom.make_phantom`.
+chests from :func:`synth.phantom.make_phantom`.
 
 lung1 is the only real CT, so it is cut into two **disjoint parts** that count as two
 backgrounds (:func:`lung1_part`): ``lung1-right`` (the patient's right lung, holding
@@ -80,7 +80,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from pipeline.data import DataUnavailable, cache_dir
+from synth.data import DataUnavailable, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -592,7 +592,7 @@ def _lung1_base():
     """lung1 at 1 mm, cropped to its lungs: (array, lung, label, origin), cached on disk."""
     import SimpleITK as sitk
 
-    from pipeline.data import lung1_paths
+    from synth.data import lung1_paths
     from stages.resample import resample, resample_like
     from stages.volume import Volume
 
@@ -709,9 +709,9 @@ def _lung1_background(rng: np.random.Generator, part: str = "whole") -> Backgrou
 
 def _phantom_background(shape_zyx, seed: int) -> Background:
     try:
-        from pipeline.phantom import make_phantom
+        from synth.phantom import make_phantom
     except ImportError as exc:
-        raise DataUnavailable(f"phantom backgrounds need pipeline.phantom.make_phantom: {exc}") from exc
+        raise DataUnavailable(f"phantom backgrounds need synth.phantom.make_phantom: {exc}") from exc
     vol, ann, truth = make_phantom(tuple(shape_zyx), (1.0, 1.0, 1.0), seed=int(seed), n_nodules=0,
                                    return_truth=True)
     if len(ann):
@@ -963,7 +963,7 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
 
 # ============================================================================ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``python -m pipeline.benchmark_data`` (also usable as a subcommand)."""
+    """Options of ``python -m synth.benchmark_data`` (also usable as a subcommand)."""
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n-scans", type=int, default=24, help="number of scans (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -996,8 +996,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m pipeline.benchmark_data --out DIR [--n-scans N] [--seed S]``."""
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m pipeline.benchmark_data",
+    """``python -m synth.benchmark_data --out DIR [--n-scans N] [--seed S]``."""
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m synth.benchmark_data",
                                                    description="LIDC nodule shapes in CT backgrounds"))
     return run_from_args(parser.parse_args(argv))
 

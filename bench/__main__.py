@@ -1,13 +1,13 @@
 """``make bench``: every benchmark, each in its own process (separate memory peaks), JSON under
-``bench/``.  ``python -m pipeline.bench --only cluster,train`` runs a subset."""
+``bench/``.  ``python -m bench --only cluster,train`` runs a subset."""
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
 
-BENCHES = {"ingest": "pipeline.bench_ingest", "cluster": "pipeline.bench_cluster",
-           "train": "pipeline.bench_train", "batch": "pipeline.bench_batch", "screen": "pipeline.bench_screen"}
+BENCHES = {"ingest": "bench.ingest", "cluster": "bench.cluster",
+           "train": "bench.train", "batch": "bench.batch", "screen": "bench.screen"}
 
 
 def main(argv=None) -> int:

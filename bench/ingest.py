@@ -1,9 +1,9 @@
 """Ingest benchmark: ``read_scan`` + ``resample`` to 1 mm beside SimpleITK's plain
 ``ImageSeriesReader`` + ``Resample`` on the same DICOM files.
 
-``python -m pipeline.bench_ingest [--out bench] [--repeats 1] [--slices 300]`` writes
+``python -m bench.ingest [--out bench] [--repeats 1] [--slices 300]`` writes
 ``bench/ingest.json``.  Two series are written to a temporary folder: lung1 (512x512x48,
-shuffled file names) and a synthetic 512x512x300 chest CT (``pipeline.phantom``).  Each
+shuffled file names) and a synthetic 512x512x300 chest CT (``synth.phantom``).  Each
 measurement runs in its own subprocess, so the peak resident memory (``VmHWM``) is that
 measurement's alone (``import_rss_mb`` is the part taken by the imports: torch for us,
 SimpleITK for them); the time excludes interpreter start-up and imports.
@@ -95,7 +95,7 @@ def _child(method: str, folder: str, device: str | None) -> None:
 
 
 def _spawn(method: str, folder: Path, device: str | None) -> dict:
-    cmd = [sys.executable, "-m", "pipeline.bench_ingest", "--child", method, str(folder),
+    cmd = [sys.executable, "-m", "bench.ingest", "--child", method, str(folder),
            "--device", device or "auto"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
@@ -105,13 +105,13 @@ def _spawn(method: str, folder: Path, device: str | None) -> dict:
 
 # ---------------------------------------------------------------------------- data
 def _write_cases(tmp: Path, slices: int) -> dict[str, Path]:
-    from pipeline.dicomio import write_dicom_series
-    from pipeline.phantom import make_phantom
+    from synth.dicomio import write_dicom_series
+    from synth.phantom import make_phantom
     from stages.ingest import read_scan
 
     cases = {}
     try:
-        from pipeline.data import DataUnavailable, lung1_paths
+        from synth.data import DataUnavailable, lung1_paths
 
         image, _ = lung1_paths()
         cases["lung1_512x512x48"] = tmp / "lung1"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nets.cnn3d import NoduleNet3D, normalize_hu, predict_tta, save_classifier
-from pipeline.classify import classify_candidates
+from stages.classify import classify_candidates
 from stages.patches import extract_patches
 from stages.volume import Volume
 
@@ -48,7 +48,7 @@ def test_empty_candidates_and_missing_weights(tmp_path, ct):
 
 
 def test_merge_nearby_keeps_the_most_probable_mark_of_each_group():
-    from pipeline.classify import merge_nearby
+    from stages.classify import merge_nearby
 
     marks = pd.DataFrame({"seriesuid": ["a", "a", "a", "a", "b"],
                           "coordX": [0.0, 5.0, 9.0, 30.0, 1.0], "coordY": [0.0, 0.0, 0.0, 0.0, 0.0],

@@ -1,7 +1,7 @@
 import pytest
 
-import pipeline.demo as demo
-from pipeline.data import DataUnavailable
+import synth.demo as demo
+from synth.data import DataUnavailable
 from stages.ingest import read_scan
 
 

@@ -1,6 +1,6 @@
 """Throughput of the 3D CNN classifier: training and inference samples per second.
 
-``python -m pipeline.bench_train [--device cpu|cuda|all] [--out bench]`` writes (merges into)
+``python -m bench.train [--device cpu|cuda|all] [--out bench]`` writes (merges into)
 ``<out>/train.json``, one entry per device.  Training is timed through the real
 :class:`nets.train.Learner` (one-cycle schedule, recorder, mixed precision on CUDA) on
 synthetic 32 mm cubes already in memory, so the number is the model + loop cost, not disk.
@@ -100,7 +100,7 @@ def bench_device(device: str, *, widths=(16, 32, 64, 128), amp: bool = True) -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench_train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="all", choices=["all", "cpu", "cuda"],
                    help="all: the CPU, and CUDA when torch sees a GPU")
     p.add_argument("--out", default="bench", help="folder for train.json (merged with what is there)")

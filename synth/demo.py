@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.data import DataUnavailable, cache_dir, lung1_paths
+from synth.data import DataUnavailable, cache_dir, lung1_paths
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +21,13 @@ def demo_scan(root=None) -> Path:
     try:
         image, _ = lung1_paths()
         folder = root / "lung1-dicom"
-        from pipeline.dicomio import write_dicom_series
+        from synth.dicomio import write_dicom_series
         from stages.ingest import read_scan
 
         write_dicom_series(read_scan(image), folder, shuffle_names=True, seed=1)
         log.warning("demo scan: real chest CT lung1 (pyradiomics 3.0.1) as DICOM in %s", folder)
     except DataUnavailable as exc:
-        from pipeline.phantom import write_phantom_scan
+        from synth.phantom import write_phantom_scan
 
         folder = root / "phantom-dicom"
         write_phantom_scan(folder, fmt="dicom", seed=0)

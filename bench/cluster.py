@@ -1,6 +1,6 @@
 """Benchmark of candidate clustering (:mod:`stages.cluster`) on the lung tissue of the lung1 CT.
 
-``python -m pipeline.bench_cluster [--device cpu|cuda] [--out bench] [--points pts.npy]``
+``python -m bench.cluster [--device cpu|cuda] [--out bench] [--points pts.npy]``
 writes ``<out>/cluster.json``; an existing file keeps the other devices' entries (one key per
 device type), so CPU and GPU runs are both recorded.
 
@@ -69,7 +69,7 @@ def lung_points_and_timings(image_path=None, device=None):
         every tissue voxel) and ``candidates`` (:func:`stages.candidates.find_candidates`
         with its defaults), the lung volume (ml) and the candidates found.
     """
-    from pipeline.data import lung1_paths
+    from synth.data import lung1_paths
     from stages.candidates import find_candidates
     from stages.features import extract_features
     from stages.ingest import read_scan
@@ -240,7 +240,7 @@ def run(points, device, *, sizes=(20_000, 100_000), presets=None, skip_sklearn=F
 def main(argv=None) -> int:
     from pipeline.io import write_json
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench_cluster", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--out", default="bench", help="folder of cluster.json")
     p.add_argument("--points", default=None, help=".npy point cloud (N, 5); default: build from lung1")

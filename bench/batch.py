@@ -1,6 +1,6 @@
 """Batch throughput benchmark: scans per hour and peak memory per worker.
 
-``python -m pipeline.bench_batch [--out bench] [--scans 6] [--workers 2] [--big]`` writes
+``python -m bench.batch [--out bench] [--scans 6] [--workers 2] [--big]`` writes
 ``bench/batch.json``.  ``--big`` adds one 512x512x300 phantom (0.7 x 0.7 x 1 mm) to measure
 the peak memory of a full-size scan against the 4 GB per worker goal.
 """
@@ -24,7 +24,7 @@ BIG = dict(shape_zyx=(300, 512, 512), spacing_mm=(1.0, 0.7, 0.7), n_nodules=6)
 def run(out_dir="bench", *, scans: int = 6, workers: int = 2, big: bool = True) -> dict:
     from pipeline.batch import discover_scans, run_many
     from pipeline.config import load_config
-    from pipeline.phantom import write_phantom_scan
+    from synth.phantom import write_phantom_scan
 
     config = load_config()
     config["stages"] = [s for s in config["stages"] if s != "classify"] + (

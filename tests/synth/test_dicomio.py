@@ -4,7 +4,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import RLELossless
 
-from pipeline.dicomio import write_dicom_series, write_localizer, write_rtstruct
+from synth.dicomio import write_dicom_series, write_localizer, write_rtstruct
 from stages.volume import Volume
 
 
@@ -118,7 +118,7 @@ def test_shuffled_names_do_not_depend_on_the_process_string_hash(tmp_path):
     import sys
 
     code = ("import sys, numpy as np; from stages.volume import Volume; "
-            "from pipeline.dicomio import write_dicom_series; "
+            "from synth.dicomio import write_dicom_series; "
             "v = Volume(np.zeros((6, 4, 4), np.int16), spacing_mm=(1, 1, 1)); "
             "print(','.join(p.name for p in write_dicom_series(v, sys.argv[1], seed=3)))")
     names = []
