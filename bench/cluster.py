@@ -206,10 +206,11 @@ def run(points, device, *, sizes=(20_000, 100_000), presets=None, skip_sklearn=F
     """Run every comparison on ``points`` (N, 5) and return the record for one device."""
     import torch
 
-    from stages.cluster import mean_shift, resolve_device
+    from stages.cluster import mean_shift
+    from stages.device import pick_device
 
     presets = PRESETS if presets is None else presets
-    dev = resolve_device(device)
+    dev = pick_device(device)
     rng = np.random.default_rng(0)
     rec = {"device": str(dev), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "machine": platform.node(),

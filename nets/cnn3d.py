@@ -248,7 +248,7 @@ def load_classifier(path, device=None) -> NoduleNet3D:
     ValueError
         If the file is not a lungscreen classifier.
     """
-    from nets.train import pick_device
+    from stages.device import pick_device
 
     path = Path(path)
     if not path.is_file():

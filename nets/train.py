@@ -26,6 +26,8 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 import torch
 
+from stages.device import pick_device
+
 __all__ = [
     "EVENTS", "event", "Callback", "Learner", "DataLoaders", "TrainEvalCallback", "Recorder",
     "CancelFitException", "CancelEpochException", "CancelTrainException", "CancelValidException",
@@ -235,21 +237,7 @@ class LRFindResult(NamedTuple):
     losses: list
 
 
-def pick_device(device=None) -> torch.device:
-    """The device to train on: ``None`` or ``"auto"`` means CUDA when available, else the CPU.
 
-    Examples
-    --------
-    >>> pick_device("cpu")
-    device(type='cpu')
-    """
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asked for CUDA but torch sees no GPU; "
-                         "use device='cpu' or device=None (auto)")
-    return dev
 
 
 def set_seed(seed: int, *, deterministic: bool = False) -> None:

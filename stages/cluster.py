@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MeanShiftResult", "KMeansResult", "mean_shift", "kmeans", "resolve_device"]
+from stages.device import pick_device
+
+__all__ = ["MeanShiftResult", "KMeansResult", "mean_shift", "kmeans"]
 
 #: ``mode="auto"`` uses the exact engine up to this many points, the grid engine above.
 AUTO_EXACT_MAX_POINTS = 5000
@@ -114,28 +116,6 @@ class KMeansResult:
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def resolve_device(device=None):
-    """The torch device to use: ``None``/``"auto"`` means CUDA when available, else CPU.
-
-    Examples
-    --------
-    >>> str(resolve_device("cpu"))
-    'cpu'
-    """
-    import torch
-
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be None, 'auto', 'cpu' or 'cuda[:n]', got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but torch sees no CUDA device; "
-                         "use device=None or 'cpu'")
-    return dev
 
 
 def _resolve_dtype(dtype, dev):
@@ -807,7 +787,7 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
                 or gd.min() < 0 or gd.max() >= d or len(set(gd.tolist())) != gd.size:
             raise ValueError(f"grid_dims must be distinct feature indices in [0, {d}), "
                              f"got {grid_dims!r}")
-    dev = resolve_device(device)
+    dev = pick_device(device)
     tdtype = _resolve_dtype(dtype, dev)
     engine = mode if mode != "auto" else ("exact" if n <= AUTO_EXACT_MAX_POINTS else "grid")
     if bin_seeding is None:
@@ -1012,7 +992,7 @@ def kmeans(points, k, *, init="farthest", max_iter=100, tol=1e-4, device=None, d
     tol = _check_positive("tol", tol)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-    dev = resolve_device(device)
+    dev = pick_device(device)
     tdtype = _resolve_dtype(dtype, dev)
     budget = PAIR_BUDGET["cuda" if dev.type == "cuda" else "cpu"]
     rng = np.random.default_rng(seed)

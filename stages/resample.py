@@ -42,6 +42,7 @@ from numbers import Real
 
 import numpy as np
 
+from stages.device import pick_device
 from stages.volume import MAX_VOXELS, Volume
 
 __all__ = ["resample", "resample_like", "resampled_shape"]
@@ -95,18 +96,7 @@ def _check_order(order) -> int:
     return int(order)
 
 
-def _pick_device(device):
-    import torch
 
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be None/'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asked for, but torch sees no CUDA GPU; use device=None or 'cpu'")
-    return dev
 
 
 def _pick_backend(method, device):
@@ -116,7 +106,7 @@ def _pick_backend(method, device):
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} ('auto': torch on a CUDA GPU, "
                          f"SimpleITK on the CPU), got {method!r}")
-    dev = _pick_device(device)  # checks the device argument whatever the method
+    dev = pick_device(device)  # checks the device argument whatever the method
     if method == "sitk":
         auto_device = device is None or (isinstance(device, str) and device == "auto")
         if dev.type != "cpu" and not auto_device:

@@ -247,7 +247,7 @@ def test_set_seed_and_device_checks():
         set_seed(1.5)
     assert pick_device(None).type in ("cpu", "cuda")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no GPU"):
+        with pytest.raises(ValueError, match="no CUDA GPU"):
             pick_device("cuda")
 
 

@@ -214,7 +214,7 @@ def test_cpu_and_cuda_agree(rng):
 def test_cuda_refused_without_gpu(rng):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(ValueError, match="no CUDA device"):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
         mean_shift(np.zeros((3, 2)), 1.0, device="cuda")
 
 
