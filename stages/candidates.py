@@ -61,7 +61,7 @@ from scipy.spatial import cKDTree
 
 from stages.features import (HU_FLOOR, SCALE_HU, SCALE_MM, SCALE_SI, SIGMA_MM,
                              extract_features)
-from stages.volume import Volume
+from stages.volume import AIR_HU, Volume
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ OUTSIDE_HU = None
 #: WALL_AIR_HU (air); a mark of that pass joins the list
 #: unless a first-pass mark lies within WALL_DEDUPE_MM of it.
 WALL_PASS_HU = None
-WALL_AIR_HU = -1000.0
+WALL_AIR_HU = float(AIR_HU)
 WALL_SI_CHANGE = 0.01
 WALL_DEDUPE_MM = 1.0
 #: Half-size (mm) of the box searched for the lung border around a candidate.

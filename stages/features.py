@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from stages.volume import Volume
+from stages.volume import Volume, check_volume
 
 __all__ = ["shape_index", "extract_features", "hessian_eigenvalues", "HU_FLOOR",
            "SIGMA_MM", "SCALE_MM", "SCALE_HU", "SCALE_SI", "FEATURE_NAMES"]
@@ -50,14 +50,6 @@ FEATURE_NAMES = ("z_mm", "y_mm", "x_mm", "hu", "shape_index")
 GRADIENT_RATIO = 0.5
 #: Voxels handled at once (bounds memory: about 200 bytes each).
 CHUNK_VOXELS = 1 << 20
-
-
-def _check_volume(vol, name="vol"):
-    if not isinstance(vol, Volume):
-        raise TypeError(f"{name} must be a stages.volume.Volume, got {type(vol).__name__}; "
-                        "wrap the array with Volume(array, spacing_mm=...)")
-    if not np.issubdtype(vol.array.dtype, np.number) or vol.array.dtype == bool:
-        raise TypeError(f"{name}.array must hold numbers, got dtype {vol.array.dtype}")
 
 
 def _check_positive(name, value):
@@ -122,7 +114,7 @@ def hessian_eigenvalues(vol: Volume, index_zyx, *, sigma_mm: float = SIGMA_MM) -
     >>> bool(np.all(lam < 0)), bool(np.allclose(lam, lam[0, 0]))
     (True, True)
     """
-    _check_volume(vol)
+    check_volume(vol, allow_bool=False)
     _check_positive("sigma_mm", sigma_mm)
     idx = np.asarray(index_zyx)
     if idx.ndim != 2 or idx.shape[1] != 3 or not np.issubdtype(idx.dtype, np.integer):
@@ -232,10 +224,10 @@ def shape_index(vol: Volume, *, sigma_mm: float = SIGMA_MM, mask: Volume | None 
     >>> si.array.dtype.name, round(float(si.array[10, 10, 10]), 3)
     ('float32', 1.0)
     """
-    _check_volume(vol)
+    check_volume(vol, allow_bool=False)
     _check_positive("sigma_mm", sigma_mm)
     if mask is not None:
-        _check_volume(mask, "mask")
+        check_volume(mask, "mask")
         vol.check_same_geometry(mask)
         sel = mask.array != 0
     else:
@@ -293,8 +285,8 @@ def extract_features(vol: Volume, mask: Volume, *, hu_floor: float = HU_FLOOR,
     >>> pts.shape, idx.shape, float(pts[0, 3])     # 0 HU / 100
     ((64, 5), (64, 3), 0.0)
     """
-    _check_volume(vol)
-    _check_volume(mask, "mask")
+    check_volume(vol, allow_bool=False)
+    check_volume(mask, "mask")
     vol.check_same_geometry(mask)
     for name, value in (("sigma_mm", sigma_mm), ("scale_mm", scale_mm), ("scale_hu", scale_hu),
                         ("scale_si", scale_si)):

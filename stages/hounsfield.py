@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["to_hounsfield", "CLIP_HU", "AIR_HU", "PADDING_HU"]
+from stages.volume import AIR_HU
+
+__all__ = ["to_hounsfield", "CLIP_HU", "PADDING_HU"]
 
 #: HU range kept by default: -1024 (below air, the lowest value CT writes) to 3071
 #: (the top of the usual 12-bit range: dense bone, metal saturates here).
 CLIP_HU = (-1024, 3071)
-#: HU given to padding outside the field of view: air.
-AIR_HU = -1000
 #: Any voxel at or below this many HU after rescale is outside-FOV padding: no tissue
 #: and not even air (-1000) reaches it; scanners pad with -2000, -2048 or -3024.
 PADDING_HU = -2000

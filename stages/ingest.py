@@ -68,8 +68,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.errors import ScanError
-from stages.hounsfield import AIR_HU, CLIP_HU, to_hounsfield
-from stages.volume import MAX_VOXELS, Volume
+from stages.hounsfield import CLIP_HU, to_hounsfield
+from stages.volume import AIR_HU, MAX_VOXELS, Volume
 
 __all__ = ["read_scan", "MAX_VOXELS"]
 

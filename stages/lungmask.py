@@ -37,7 +37,7 @@ import logging
 import numpy as np
 from scipy import ndimage as ndi
 
-from stages.volume import Volume
+from stages.volume import Volume, check_volume
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,6 @@ WORK_SPACING_MM = 2.0
 
 _INPLANE = np.zeros((3, 3, 3), bool)
 _INPLANE[1] = ndi.generate_binary_structure(2, 1)
-
-
-def _check_volume(vol, name="vol"):
-    if not isinstance(vol, Volume):
-        raise TypeError(f"{name} must be a stages.volume.Volume, got {type(vol).__name__}; "
-                        "wrap the array with Volume(array, spacing_mm=...)")
 
 
 def _border_labels(labels: np.ndarray) -> np.ndarray:
@@ -323,7 +317,7 @@ def segment_lungs(vol: Volume, *, air_threshold_hu: float = AIR_THRESHOLD_HU,
     >>> sorted(np.unique(mask.array).tolist()), int(mask.array[20, 30, 20]), int(mask.array[20, 30, 60])
     ([0, 1, 2], 1, 2)
     """
-    _check_volume(vol)
+    check_volume(vol)
     for name, value in (("min_lung_ml", min_lung_ml), ("airway_max_area_mm2", airway_max_area_mm2),
                         ("airway_min_area_mm2", airway_min_area_mm2),
                         ("airway_max_offset_mm", airway_max_offset_mm),
@@ -451,7 +445,7 @@ def lung_volume_ml(mask: Volume) -> dict:
     >>> lung_volume_ml(Volume(m, spacing_mm=(2.0, 2.0, 2.0)))
     {'right_ml': 4.0, 'left_ml': 0.8, 'total_ml': 4.8}
     """
-    _check_volume(mask, "mask")
+    check_volume(mask, "mask")
     if not (np.issubdtype(mask.array.dtype, np.integer) or mask.array.dtype == bool):
         raise TypeError(f"mask must hold integer labels (0, 1, 2), got dtype {mask.array.dtype}")
     voxel_ml = float(np.prod(mask.spacing_mm)) / 1000.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from stages.volume import Volume
+from stages.volume import AIR_HU, Volume
 
 __all__ = ["extract_patch", "extract_patches", "PATCH_SIZE_MM", "PATCH_SPACING_MM", "FILL_HU"]
 
@@ -22,7 +22,7 @@ PATCH_SIZE_MM = 32.0
 #: Sample spacing inside a patch (mm).
 PATCH_SPACING_MM = 1.0
 #: Value outside the scan: air.
-FILL_HU = -1000.0
+FILL_HU = float(AIR_HU)
 
 
 def _side(size_mm, spacing_mm) -> int:

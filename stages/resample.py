@@ -43,12 +43,10 @@ from numbers import Real
 import numpy as np
 
 from stages.device import pick_device
-from stages.volume import MAX_VOXELS, Volume
+from stages.volume import AIR_HU, MAX_VOXELS, Volume, check_volume
 
 __all__ = ["resample", "resample_like", "resampled_shape"]
 
-#: HU given to output voxels whose centre falls outside the input scan (air).
-AIR_HU = -1000
 #: Value given to label voxels outside the input grid (background).
 LABEL_FILL = 0
 #: Work per slab, in float32 elements of the largest intermediate (about 64 MB).
@@ -64,15 +62,6 @@ METHODS = ("auto", "sitk", "torch")
 
 
 # --------------------------------------------------------------------------- checks
-def _check_volume(name: str, vol) -> None:
-    if not isinstance(vol, Volume):
-        raise TypeError(f"{name} must be a stages.volume.Volume, got {type(vol).__name__}; "
-                        "wrap the array with Volume(array, spacing_mm=..., origin_mm=...)")
-    kind = vol.array.dtype.kind
-    if kind not in "biuf":
-        raise TypeError(f"{name}.array dtype must be numeric or bool, got {vol.array.dtype}")
-
-
 def _check_spacing(spacing_mm) -> tuple[float, float, float]:
     if isinstance(spacing_mm, Real):
         spacing_mm = (spacing_mm,) * 3
@@ -196,7 +185,7 @@ def resample(vol: Volume, spacing_mm=(1.0, 1.0, 1.0), *, order: int = 1, device=
     >>> resample(vol, 1.0, method="torch", device="cpu").array.ravel().tolist()
     [0.0, 5.0, 10.0, 15.0, 20.0]
     """
-    _check_volume("vol", vol)
+    check_volume(vol)
     spacing = _check_spacing(spacing_mm)
     order = _check_order(order)
     if not math.isfinite(float(fill_hu)):
@@ -258,7 +247,7 @@ def resample_like(vol: Volume, reference: Volume, *, order: int = 0, device=None
     >>> resample_like(mask, ref, device="cpu").array.ravel().tolist()
     [0, 1, 1, 1, 1, 0, 0]
     """
-    _check_volume("vol", vol)
+    check_volume(vol)
     if not isinstance(reference, Volume):
         raise TypeError(f"reference must be a stages.volume.Volume, got {type(reference).__name__}")
     order = _check_order(order)

@@ -28,11 +28,34 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["Volume", "xyz_to_zyx", "zyx_to_xyz"]
+__all__ = ["Volume", "xyz_to_zyx", "zyx_to_xyz", "check_volume", "AIR_HU", "MAX_VOXELS"]
 
 #: Largest number of voxels a scan may have before it is refused (about 2 GB of
 #: int16).  A 512x512x1500 scan is 3.9e8 voxels; anything larger is a broken header.
 MAX_VOXELS = 1_000_000_000
+#: Air in Hounsfield units: what padding, the world outside a scan and the chest wall seen
+#: "as air" are given.
+AIR_HU = -1000
+
+
+def check_volume(vol, name: str = "vol", *, allow_bool: bool = True) -> None:
+    """Refuse anything but a :class:`Volume` holding numbers (TypeError naming ``name``).
+
+    Examples
+    --------
+    >>> check_volume(Volume(np.zeros((2, 2, 2), np.int16), spacing_mm=(1, 1, 1)))
+    >>> check_volume(np.zeros((2, 2, 2)), "ct")
+    Traceback (most recent call last):
+    ...
+    TypeError: ct must be a stages.volume.Volume, got ndarray; wrap the array with Volume(array, spacing_mm=..., origin_mm=...)
+    """
+    if not isinstance(vol, Volume):
+        raise TypeError(f"{name} must be a stages.volume.Volume, got {type(vol).__name__}; "
+                        "wrap the array with Volume(array, spacing_mm=..., origin_mm=...)")
+    kinds = "biuf" if allow_bool else "iuf"
+    if vol.array.dtype.kind not in kinds:
+        raise TypeError(f"{name}.array must hold numbers{'' if allow_bool else ' (not bool)'}, "
+                        f"got dtype {vol.array.dtype}")
 
 
 def xyz_to_zyx(points) -> np.ndarray:

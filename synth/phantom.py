@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.volume import MAX_VOXELS, Volume
+from stages.volume import AIR_HU, MAX_VOXELS, Volume
 
 __all__ = ["make_phantom", "write_phantom_scan", "make_luna_tree", "phantom_uid", "KINDS",
            "ANNOTATION_COLUMNS", "CANDIDATE_COLUMNS"]
@@ -48,7 +48,6 @@ CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "class"]
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 
 # ------------------------------------------------------------------ tissue values, HU
-AIR_HU = -1000
 FAT_HU = -100
 MUSCLE_HU = 40
 LUNG_HU = -850

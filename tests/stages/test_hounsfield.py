@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from stages.hounsfield import AIR_HU, CLIP_HU, PADDING_HU, to_hounsfield
+from stages.hounsfield import CLIP_HU, PADDING_HU, to_hounsfield
+from stages.volume import AIR_HU
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int32, np.float32])

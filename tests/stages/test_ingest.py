@@ -10,7 +10,7 @@ from synth.data import DataUnavailable, pydicom_test_file
 from synth.dicomio import write_dicom_series, write_localizer, write_rtstruct
 from pipeline.io import write_volume
 from stages.errors import ScanError
-from stages.hounsfield import AIR_HU
+from stages.volume import AIR_HU
 from stages.ingest import read_scan
 from stages.volume import Volume
 

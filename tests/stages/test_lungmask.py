@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from stages.lungmask import LEFT_LUNG, RIGHT_LUNG, lung_volume_ml, segment_lungs
-from stages.volume import Volume
+from stages.volume import AIR_HU, Volume
 
-SOFT_HU, LUNG_HU, AIR_HU = 40, -850, -1000
+SOFT_HU, LUNG_HU = 40, -850
 
 
 def _chest(shape=(60, 100, 140), *, lungs=("right", "left"), body_to_edge=False,
