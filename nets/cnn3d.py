@@ -208,10 +208,11 @@ def save_classifier(model: NoduleNet3D, path, *, clip_hu=CLIP_HU, size_mm: float
     """Write the architecture, preprocessing and weights (CPU tensors) to ``path``.
 
     ``info`` (str/int/float values: data, seed, metrics) is stored as is.  The file is written
-    to a temporary name and renamed.
+    to a temporary name and renamed (:func:`pipeline.io.atomic_path`).
     """
-    from nets.callbacks import _atomic_write_bytes
     import io
+
+    from pipeline.io import atomic_path
 
     if not isinstance(model, NoduleNet3D):
         raise TypeError(f"model must be a NoduleNet3D, got {type(model).__name__}")
@@ -220,9 +221,11 @@ def save_classifier(model: NoduleNet3D, path, *, clip_hu=CLIP_HU, size_mm: float
                                "spacing_mm": float(spacing_mm)},
              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "info": dict(info or {})}
+    # through a buffer: torch.save to a file names the archive after the (random) temp name
     buf = io.BytesIO()
     torch.save(state, buf)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
     return Path(path)
 
 

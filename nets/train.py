@@ -10,22 +10,30 @@ or overwrite.  Everything else (metrics, schedules, checkpoints, mixed precision
 handling) is a callback in :mod:`nets.callbacks`.
 
 Event names form a closed list (:data:`EVENTS`, also as the namespace :data:`event`); firing
-an unknown name raises ``ValueError`` so that a typo in a callback fails at once.
+an unknown name raises ``ValueError`` so that a typo in a callback fails at once.  The list,
+:class:`Callback` and the ``Cancel*`` exceptions are defined in :mod:`nets.callbacks.core`,
+which every callback module imports, and re-exported here; this module imports the callbacks,
+never the other way round.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import random
-import re
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
+from nets.callbacks.core import (EVENTS, Callback, CancelBackwardException, CancelBatchException,
+                                 CancelEpochException, CancelFitException, CancelStepException,
+                                 CancelTrainException, CancelValidException, event)
+from nets.callbacks.progress import ProgressCallback
+from nets.callbacks.schedule import (LRFinder, LRFindResult, ParamScheduler, combine_scheds,
+                                     sched_cos)
+from nets.callbacks.tracker import TerminateOnNaN
 from stages.device import pick_device
 
 __all__ = [
@@ -34,97 +42,6 @@ __all__ = [
     "CancelBatchException", "CancelBackwardException", "CancelStepException",
     "set_seed", "pick_device", "LRFindResult",
 ]
-
-_PHASES = ("fit", "epoch", "train", "validate", "batch", "backward", "step")
-#: Every event a Learner fires, in the order of one training batch's life.
-EVENTS = (
-    "before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss",
-    "before_backward", "after_cancel_backward", "after_backward", "before_step",
-    "after_cancel_step", "after_step", "after_cancel_batch", "after_batch", "after_cancel_train",
-    "after_train", "before_validate", "after_cancel_validate", "after_validate",
-    "after_cancel_epoch", "after_epoch", "after_cancel_fit", "after_fit",
-)
-#: Batch-level events: ``run_train`` / ``run_valid`` decide whether a callback sees them.
-_INNER_LOOP = frozenset(e for e in EVENTS if e.endswith(("_batch", "_pred", "_loss", "_backward",
-                                                           "_step")))
-#: ``event.before_fit == "before_fit"`` etc.; use it to avoid typing event names as strings.
-event = SimpleNamespace(**{e: e for e in EVENTS})
-
-
-class CancelFitException(Exception):
-    """Stop training now (early stopping, NaN loss, LR finder done); ``after_fit`` still runs."""
-
-
-class CancelEpochException(Exception):
-    """Skip the rest of this epoch."""
-
-
-class CancelTrainException(Exception):
-    """Skip the rest of this epoch's training batches."""
-
-
-class CancelValidException(Exception):
-    """Skip this epoch's validation."""
-
-
-class CancelBatchException(Exception):
-    """Skip the rest of this batch (no backward/step)."""
-
-
-class CancelBackwardException(Exception):
-    """Skip the backward pass of this batch."""
-
-
-class CancelStepException(Exception):
-    """Skip the optimiser step of this batch (a callback stepped it itself)."""
-
-
-def _snake(name: str) -> str:
-    name = re.sub(r"Callback$", "", name) or name
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
-
-
-class Callback:
-    """Base class: a callback is a set of methods named after events.
-
-    Attributes
-    ----------
-    order : int
-        Callbacks run in increasing ``order`` for each event (ties: order added).
-    run_train, run_valid : bool
-        Whether the callback runs during training / validation batches.
-    learn : Learner
-        Set when the callback is added; read and write the loop's state through it.
-
-    Examples
-    --------
-    >>> class CountBatches(Callback):
-    ...     def before_fit(self): self.n = 0
-    ...     def after_batch(self): self.n += 1
-    >>> CountBatches().name
-    'count_batches'
-    """
-
-    order = 0
-    run_train = True
-    run_valid = True
-    learn: "Learner"
-
-    @property
-    def name(self) -> str:
-        """Attribute name on the Learner: snake case of the class name minus ``Callback``."""
-        return _snake(type(self).__name__)
-
-    def __call__(self, event_name: str) -> None:
-        training = getattr(self.learn, "training", True)
-        if (event_name not in _INNER_LOOP or (self.run_train and training)
-                or (self.run_valid and not training)):
-            method = getattr(self, event_name, None)
-            if method is not None:
-                method()
-
-    def __repr__(self) -> str:
-        return type(self).__name__
 
 
 class TrainEvalCallback(Callback):
@@ -227,19 +144,6 @@ class DataLoaders:
     valid: Iterable | None = None
 
 
-class LRFindResult(NamedTuple):
-    """What :meth:`Learner.lr_find` found: the suggestion and the curve behind it."""
-
-    suggested: float
-    steep: float
-    min_div10: float
-    lrs: list
-    losses: list
-
-
-
-
-
 def set_seed(seed: int, *, deterministic: bool = False) -> None:
     """Seed Python's ``random``, numpy's global RNG and torch (CPU and every GPU).
 
@@ -316,8 +220,6 @@ class Learner:
                  opt_func: Callable | None = None, lr: float = 1e-3, wd: float = 0.0,
                  cbs: Iterable[Callback] | None = None, metrics: Iterable[Callable] = (),
                  device=None, n_inp: int | None = None, progress: bool | None = None):
-        from nets.callbacks import ProgressCallback, TerminateOnNaN
-
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_func):
@@ -459,8 +361,6 @@ class Learner:
 
         Builds a :class:`nets.callbacks.ParamScheduler` and calls the same :meth:`fit`.
         """
-        from nets.callbacks import ParamScheduler, combine_scheds, sched_cos
-
         lr_max = float(lr_max if lr_max is not None else self.lr)
         scheds = {"lr": combine_scheds([pct_start, 1 - pct_start],
                                        [sched_cos(lr_max / div, lr_max),
@@ -478,8 +378,6 @@ class Learner:
         (``steep``), the LR of the minimum divided by 10 (``min_div10``) and ``suggested``:
         ``steep`` when it lies within a factor 100 below the minimum's LR, else ``min_div10``.
         """
-        from nets.callbacks import LRFinder
-
         n_epoch = max(1, math.ceil(num_it / max(len(self.dls.train), 1)))
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
         self.fit(n_epoch, cbs=[finder])
