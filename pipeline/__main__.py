@@ -1,23 +1,82 @@
-"""Command line: ``python -m pipeline run|evaluate ...`` (console script ``lungscreen``).
+"""Command line: ``lungscreen COMMAND ...`` (= ``python -m pipeline COMMAND ...``).
 
-A thin adapter over the API: it parses arguments, calls :mod:`pipeline.batch` or
-:mod:`pipeline.evaluate`, prints one line per failed scan and returns the exit status.
+========================  ===================================================================
+``run``                   screen one scan or a tree of scans (this module)
+``evaluate``              LUNA16 FROC / CPM of a run's marks (:mod:`pipeline.evaluate`)
+``train``                 train the 3D CNN classifier (:mod:`pipeline.training`,
+                          settings in ``configs/train.yaml``)
+``benchmark-data``        build the LIDC-shape benchmark (:mod:`synth.benchmark_data`)
+``bench``                 run the benchmarks (:mod:`bench.__main__`)
+========================  ===================================================================
+
+Every command's module gives the same protocol: ``add_arguments(parser)`` adds its options
+to an :class:`argparse.ArgumentParser`, and ``run_from_args(args) -> int`` runs it and
+returns the exit status (0 ok, 1 some scans failed, 2 bad usage or input).  The parsed
+``args`` also carry ``command_line``, the command as typed (a training run's model card
+records it).  Only the chosen command's module is imported, and an ImportError in it is
+raised, never hidden.  ``lungscreen --version`` prints the installed version.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import logging
+import re
+import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "version", "add_arguments", "run_from_args", "COMMANDS"]
+
+#: ``name: (module, help line, log level without -v)``; module None is this one.  Training
+#: and the benchmark builder report their long runs in INFO lines, as they always have.
+COMMANDS = {
+    "run": (None, "screen one scan or a tree of scans", logging.WARNING),
+    "evaluate": ("pipeline.evaluate", "LUNA16 FROC / CPM of a run's candidates.csv", logging.WARNING),
+    "train": ("pipeline.training", "train the 3D CNN classifier (settings: configs/train.yaml)",
+              logging.INFO),
+    "benchmark-data": ("synth.benchmark_data", "build the LIDC-shape benchmark (real nodule "
+                       "outlines in CT backgrounds)", logging.INFO),
+    "bench": ("bench.__main__", "run the benchmarks (JSON under bench/)", logging.WARNING),
+}
 
 
-def _add_run(sub) -> None:
+def version() -> str:
+    """lungscreen's version: the installed package's, else ``pyproject.toml``'s.
+
+    Returns
+    -------
+    str
+        e.g. ``"0.1.0"``; ``"unknown"`` when neither is found.
+    """
+    try:
+        return importlib.metadata.version("lungscreen")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        found = (re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE)
+                 if pyproject.is_file() else None)
+        return found.group(1) if found else "unknown"
+
+
+# ----------------------------------------------------------------------------- run
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``run`` options to ``parser``.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The ``run`` subcommand's parser.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``parser``.
+    """
     from pipeline.cache import CACHE_CHOICES, DEFAULT_CACHE
     from pipeline.run import PICTURES
 
-    p = sub.add_parser("run", help="run the pipeline on one scan or a tree of scans")
+    p = parser
     p.add_argument("scan_dir", nargs="?", help="DICOM folder, tree of scans, image file or list file")
     p.add_argument("--demo", action="store_true", help="run on the built-in demo scan")
     p.add_argument("--out", default="out", help="output folder (default: out/)")
@@ -37,16 +96,35 @@ def _add_run(sub) -> None:
                         f"or all (the CT too, about 100 MB more a scan) (default: {DEFAULT_CACHE})")
     p.add_argument("--save-ct", action="store_true",
                    help="also write ct_1mm.nrrd (int16 HU at 1 mm, about 40 MB a scan)")
+    p.add_argument("--device", default=None,
+                   help="where resampling, clustering and the CNN run: auto, cpu, cuda or cuda:N "
+                        "(default: auto, CUDA when torch sees a GPU, else the CPU)")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("--no-progress", action="store_true",
                        help="no progress bar: one line per stage start and end, as off a terminal")
     shown.add_argument("--quiet", action="store_true", help="only the final summary and errors")
+    return parser
 
 
-def _run(args) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
+    """Screen the scans the parsed ``run`` options name; print one line per failed scan.
+
+    The config is read (and every key checked) before any scan is looked for.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options added by :func:`add_arguments`.
+
+    Returns
+    -------
+    int
+        0 all scans done, 1 some failed, 2 bad usage, config or input.
+    """
     from pipeline.batch import discover_scans, run_many
     from pipeline.config import load_config
     from pipeline.progress import DEFAULT_MODE
+    from stages.device import pick_device
     from stages.errors import ScanError
 
     if args.executor == "dask" and not args.scheduler:
@@ -54,6 +132,7 @@ def _run(args) -> int:
         return 2
     try:
         config = load_config(args.config)
+        pick_device(args.device)  # a CUDA device asked for where torch sees none: refused here
         if args.demo or not args.scan_dir:
             from synth.demo import demo_scan
 
@@ -70,7 +149,7 @@ def _run(args) -> int:
     progress = "quiet" if args.quiet else "log" if args.no_progress else DEFAULT_MODE
     results = run_many(scans, args.out, config, workers=args.workers, force=args.force,
                        executor=args.executor, scheduler=args.scheduler, pictures=args.pictures,
-                       progress=progress, cache=args.cache, save_ct=args.save_ct)
+                       progress=progress, cache=args.cache, save_ct=args.save_ct, device=args.device)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.source}: {r.error}", file=sys.stderr)
@@ -80,28 +159,53 @@ def _run(args) -> int:
     return 1 if failed else 0
 
 
-def main(argv=None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 some scans failed, 2 bad usage)."""
-    parser = argparse.ArgumentParser(prog="lungscreen", description=__doc__.splitlines()[0])
+# ----------------------------------------------------------------------------- dispatch
+def _module(name: str):
+    """The module of command ``name`` (imported now; an ImportError propagates)."""
+    module = COMMANDS[name][0]
+    return sys.modules[__name__] if module is None else importlib.import_module(module)
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """The ``lungscreen`` parser; only ``command``'s subparser gets its options (and module)."""
+    parser = argparse.ArgumentParser(prog="lungscreen", description="Lung nodule screening for chest "
+                                     "CT; `lungscreen COMMAND --help` gives a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_run(sub)
-    extra = {}
-    for name, module in (("evaluate", "pipeline.evaluate"), ("train", "pipeline.training")):
-        try:
-            mod = __import__(module, fromlist=["add_arguments"])
-        except ImportError:
-            continue
-        if hasattr(mod, "add_arguments"):
-            p = sub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
-            mod.add_arguments(p)
-            extra[name] = mod.run_from_args
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_line, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_line, description=help_line)
+        if name == command:
+            _module(name).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of ``lungscreen`` / ``python -m pipeline``.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The command's exit status: 0 ok, 1 some scans failed, 2 bad usage or input.
+
+    Raises
+    ------
+    SystemExit
+        From argparse: 0 after ``--help`` or ``--version``, 2 on a usage error.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the top-level options take no value: the first other word is the command
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = _parser(command if command in COMMANDS else None).parse_args(argv)
+    args.command_line = "lungscreen " + shlex.join(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else COMMANDS[args.command][2],
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "run":
-        return _run(args)
-    return int(extra[args.command](args) or 0)
+    return int(_module(args.command).run_from_args(args))
 
 
 if __name__ == "__main__":

@@ -103,13 +103,13 @@ def _walk(folder: Path) -> list[Path]:
 
 
 def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DEFAULT_CACHE,
-         save_ct=False, reporter=None) -> ScanResult:
+         save_ct=False, device=None, reporter=None) -> ScanResult:
     """Process one scan; turn any failure into a one-line error (never raises)."""
     logging.basicConfig(level=logging.WARNING)
     try:
         result = process_scan(path, out_dir, config, force=force, pictures=pictures,
                               prepare_only=prepare_only, cache=cache, save_ct=save_ct,
-                              reporter=reporter)
+                              device=device, reporter=reporter)
     except ScanError as exc:
         result = ScanResult(source=str(path), status="failed", error=exc.reason)
     except MemoryError:
@@ -138,22 +138,21 @@ def _pool(workers: int) -> cf.ProcessPoolExecutor:
                                   initializer=_start_worker, initargs=(threads,))
 
 
-def first_gpu_stage(config: dict) -> str | None:
-    """The first stage of ``config`` that will run on CUDA (its ``device`` is cuda, or auto
-    with a GPU present), or None."""
-    import torch
+def first_gpu_stage(config: dict, device=None) -> str | None:
+    """The first stage of ``config`` that will run on CUDA (one that computes on the run's
+    ``device`` when that is a GPU), or None."""
+    from pipeline.steps import get_step
+    from stages.device import pick_device
 
-    for name in config["stages"]:
-        device = str((config.get(name) or {}).get("device", "")).lower()
-        if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-            return name
-    return None
+    if pick_device(device).type != "cuda":
+        return None
+    return next((name for name in config["stages"] if get_step(name).uses_device), None)
 
 
 def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, force: bool = False,
              executor: str = "local", scheduler: str | None = None, pictures: int = PICTURES,
              progress: str | bool | None = DEFAULT_MODE, gpu_from: str | None = "auto",
-             cache: str = DEFAULT_CACHE, save_ct: bool = False) -> list[ScanResult]:
+             cache: str = DEFAULT_CACHE, save_ct: bool = False, device=None) -> list[ScanResult]:
     """Process ``scans``, then write the run-level files; returns one result per scan.
 
     Parameters
@@ -180,6 +179,9 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
         What each scan's ``scan.h5`` keeps (:mod:`pipeline.cache`).
     save_ct : bool
         Also write each scan's ``ct_1mm.nrrd``.
+    device : str, optional
+        Where the stages that compute on a device run: ``"cpu"``, ``"cuda"``, ``"cuda:N"``;
+        ``None`` or ``"auto"``: CUDA when torch sees a GPU, else the CPU.
     """
     check_cache_choice(cache)
     if progress is None or isinstance(progress, bool):
@@ -190,7 +192,7 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     args = [(str(p), str(out_dir), config, force, pictures) for p in scans]
-    options = {"cache": cache, "save_ct": save_ct}
+    options = {"cache": cache, "save_ct": save_ct, "device": device}
     reporter.scans_bar(len(args))
     results: list[ScanResult] = []
 
@@ -209,7 +211,7 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
             for fut in as_completed(futures):
                 collect(fut.result())
     elif workers > 1 and len(args) > 1:
-        split = first_gpu_stage(config) if gpu_from == "auto" else gpu_from
+        split = first_gpu_stage(config, device) if gpu_from == "auto" else gpu_from
         cpu_stages = config["stages"][:config["stages"].index(split)] if split else []
         if cpu_stages:  # CPU stages in the pool, then the GPU stages here, one scan at a time
             cpu_config = {**config, "stages": cpu_stages}

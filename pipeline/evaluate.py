@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -442,7 +443,18 @@ def format_result(result: FrocResult) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``evaluate`` options to ``parser`` (for ``python -m pipeline evaluate``)."""
+    """Add the ``evaluate`` options to ``parser`` (``lungscreen evaluate``, ``python -m pipeline.evaluate``).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The parser to extend.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``parser``.
+    """
     parser.add_argument("--annotations", required=True, help="annotations.csv (LUNA16 columns)")
     parser.add_argument("--candidates", required=True,
                         help="CAD marks: seriesuid,coordX,coordY,coordZ,probability (or score)")
@@ -459,14 +471,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the evaluation the parsed ``args`` describe, print it, write the files if ``--out``.
 
-    Returns the exit status (0).
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options added by :func:`add_arguments`.
+
+    Returns
+    -------
+    int
+        0 done; 2 a table is missing or unusable (the reason is printed as ``error: ...``).
     """
-    ann = pd.read_csv(args.annotations, dtype={"seriesuid": str})
-    cand = pd.read_csv(args.candidates, dtype={"seriesuid": str})
-    exc = pd.read_csv(args.excluded, dtype={"seriesuid": str}) if args.excluded else None
-    uids = read_seriesuids(args.seriesuids) if args.seriesuids else None
-    result = froc(ann, cand, excluded=exc, seriesuids=uids, max_marks_per_scan=args.max_marks_per_scan,
-                  n_bootstrap=args.n_bootstrap, seed=args.seed)
+    try:
+        ann = pd.read_csv(args.annotations, dtype={"seriesuid": str})
+        cand = pd.read_csv(args.candidates, dtype={"seriesuid": str})
+        exc = pd.read_csv(args.excluded, dtype={"seriesuid": str}) if args.excluded else None
+        uids = read_seriesuids(args.seriesuids) if args.seriesuids else None
+        result = froc(ann, cand, excluded=exc, seriesuids=uids, max_marks_per_scan=args.max_marks_per_scan,
+                      n_bootstrap=args.n_bootstrap, seed=args.seed)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(format_result(result))
     if args.out:
         paths = write_froc(result, args.out, name=Path(args.candidates).stem)
@@ -475,7 +499,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m pipeline.evaluate --annotations A --candidates C [...]``."""
+    """``python -m pipeline.evaluate --annotations A --candidates C [...]``; returns the exit status."""
     parser = add_arguments(argparse.ArgumentParser(
         prog="python -m pipeline.evaluate", description="LUNA16 FROC / CPM of CAD marks"))
     return run_from_args(parser.parse_args(argv))

@@ -32,10 +32,11 @@ from pipeline.cache import (DEFAULT_CACHE, StageCache, caches_output, check_cach
 from pipeline.io import write_csv, write_json, write_volume
 from pipeline.progress import Reporter, scan_name
 from pipeline.steps import get_step, module_files
+from stages.device import pick_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["process_scan", "ScanResult", "source_key", "PICTURES", "CT_FILE"]
+__all__ = ["screen", "StageRunner", "process_scan", "ScanResult", "source_key", "PICTURES", "CT_FILE"]
 
 #: ``candidate_NN.png`` pictures written per scan (process_scan, run_many, ``--pictures``).
 PICTURES = 5
@@ -71,23 +72,123 @@ def source_key(path) -> str:
 
 
 def _step_keys(config: dict, input_key: str) -> dict[str, str]:
-    """Cache key of every step's outputs, computed without running anything."""
+    """Cache key of every stage's outputs, computed without running anything.
+
+    Raises
+    ------
+    ValueError
+        A stage needs a value that no stage before it in ``config['stages']`` produces.
+    """
     value_keys = {"path": input_key}
     step_keys = {}
     for name in config["stages"]:
         step = get_step(name)
+        missing = [i for i in step.inputs if i not in value_keys]
+        if missing:
+            raise ValueError(f"stage {name!r} needs {', '.join(map(repr, missing))}, which no "
+                             f"stage before it in {config['stages']} produces")
         key = stage_key(name, config.get(name, {}), code_version(module_files(step)),
-                        [value_keys[i] for i in step.inputs if i in value_keys])
+                        [value_keys[i] for i in step.inputs])
         step_keys[name] = key
         for out in step.outputs:
             value_keys[out] = key
     return step_keys
 
 
+def screen(path, config: dict, *, device=None, stages: "StageRunner | None" = None) -> dict:
+    """Run the stages of ``config['stages']`` on one scan, in order, and return what they made.
+
+    With the default config that is, top to bottom::
+
+        ct          = ingest(path)                      # stages.ingest.read_scan
+        ct_1mm      = resample(ct)                      # stages.resample.resample
+        lung_mask   = lungmask(ct_1mm)                  # stages.lungmask.segment_lungs
+        candidates  = candidates(ct_1mm, lung_mask)     # stages.candidates.find_candidates
+        candidates  = classify(ct_1mm, candidates)      # stages.classify.classify_candidates
+
+    Each stage reads its inputs by name from what the stages before it made, and its
+    settings from ``config[name]`` (:mod:`pipeline.steps` maps a name to its function), so a
+    stage is swapped or dropped in the config alone.
+
+    Parameters
+    ----------
+    path : str or Path
+        The scan: a DICOM series folder or an image file.
+    config : dict
+        From :func:`pipeline.config.load_config`.
+    device : str or torch.device, optional
+        For the stages that compute on one; ``None``: CUDA when torch sees a GPU, else CPU.
+    stages : StageRunner, optional
+        Runs each stage (through a scan's stage cache, with progress and timing); default:
+        plain calls.
+
+    Returns
+    -------
+    dict
+        ``{"path": ..., "ct": Volume, "ct_1mm": Volume, "lung_mask": Volume, "candidates":
+        DataFrame}`` for the default stages: every value a stage made, the last one of each name.
+    """
+    stages = stages if stages is not None else StageRunner(config, device=device)
+    values = {"path": str(path)}
+    for name in config["stages"]:
+        values.update(stages.run(name, values))
+    return values
+
+
+class StageRunner:
+    """Runs one stage of a scan: loads its result from the scan's stage cache when the key
+    matches, else calls it, times it, reports it and caches what the ``cache`` choice keeps.
+
+    The cache file (``OUT_DIR/<scan_id>/scan.h5``) is known once the scan id is: before the
+    scan has run (a rerun: ``scan_id``) or when a stage returns the scan (``ct``).
+    """
+
+    def __init__(self, config: dict, *, device=None, keys: dict | None = None, out_dir=None,
+                 scan_id: str | None = None, keep: str = "none", force: bool = False,
+                 reporter: Reporter | None = None, scan: str = "", seconds: dict | None = None):
+        self.config, self.device = config, pick_device(device)
+        self.keys, self.out_dir, self.keep, self.force = keys or {}, out_dir, keep, force
+        self.reporter, self.scan = reporter, scan
+        self.seconds = seconds if seconds is not None else {}
+        self.store = (StageCache(Path(out_dir) / scan_id / "scan.h5")
+                      if out_dir is not None and scan_id else None)
+
+    def run(self, name: str, values: dict) -> dict:
+        """The outputs of stage ``name`` given the values made so far: ``{output: value}``."""
+        step, key = get_step(name), self.keys.get(name)
+        if self.store is not None and key is not None and not self.force:
+            cached = {out: self.store.get(f"{name}.{out}", key) for out in step.outputs}
+            if all(v is not None for v in cached.values()):
+                if self.reporter is not None:
+                    self.reporter.stage_cached(self.scan, name)
+                return cached
+        extra = {"device": self.device} if step.uses_device else {}  # not settings: not in the key
+        if self.reporter is not None:
+            self.reporter.stage_started(self.scan, name)
+            if step.progress_unit:
+                extra["progress"] = self.reporter.progress_callback(self.scan, name, step.progress_unit)
+        t0 = time.perf_counter()
+        outputs = step.fn(**{i: values[i] for i in step.inputs}, **self.config.get(name, {}), **extra)
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        log.info("%s: %s took %.2f s", self.scan, name, self.seconds[name])
+        if self.reporter is not None:
+            self.reporter.stage_done(self.scan, name, self.seconds[name])
+        self._cache(name, key, outputs)
+        return {out: outputs[out] for out in step.outputs}
+
+    def _cache(self, name: str, key: str | None, outputs: dict) -> None:
+        if self.store is None and self.out_dir is not None and outputs.get("ct") is not None:
+            self.store = StageCache(Path(self.out_dir) / outputs["ct"].scan_id / "scan.h5")
+        items = {f"{name}.{out}": (key, value) for out, value in outputs.items()
+                 if caches_output(out, self.keep)}
+        if self.store is not None and key is not None and items:
+            self.store.put_many(items)
+
+
 def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: int = PICTURES,
                  prepare_only: bool = False, cache: str = DEFAULT_CACHE, save_ct: bool = False,
-                 reporter: Reporter | None = None) -> ScanResult:
-    """Run ``config['stages']`` on the scan at ``path``; write its outputs under ``out_dir``.
+                 device=None, reporter: Reporter | None = None) -> ScanResult:
+    """Screen the scan at ``path`` (:func:`screen`) and write its outputs under ``out_dir``.
 
     Finished scans are not recomputed: ``OUT_DIR/.sources/<key>.json`` remembers which scan
     id an input produced, and a scan whose ``scan.json`` holds the same stage keys is
@@ -117,6 +218,9 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     save_ct : bool
         Also write ``ct_1mm.nrrd`` (int16 HU at 1 mm, about 40 MB for a 512x512x300
         scan); without it an older ``ct_1mm.nrrd`` is removed when the outputs are written.
+    device : str or torch.device, optional
+        Chosen once here (:func:`stages.device.pick_device`) and passed to the stages that
+        compute on one; ``None``: CUDA when torch sees a GPU, else the CPU.
     reporter : Reporter, optional
         Told when each stage starts, ends or is loaded from the cache, and given to the
         stages that count their work (:attr:`pipeline.steps.Step.progress_unit`).
@@ -136,8 +240,7 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     step_keys = _step_keys(config, src_key)
     index_file = out_dir / ".sources" / f"{src_key}.json"
     known = json.loads(index_file.read_text()) if index_file.exists() else {}
-    order = list(config["stages"])
-    produced = {out for name in order for out in get_step(name).outputs}
+    produced = {out for name in config["stages"] for out in get_step(name).outputs}
 
     if not force and known.get("scan_id"):
         done = out_dir / known["scan_id"] / "scan.json"
@@ -150,71 +253,11 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
             _trim_cache(StageCache(done.parent / "scan.h5"), cache)
             return result
 
-    values: dict = {(-1, "path"): str(path)}  # (index of the producing step, name) -> value
-    store = StageCache(out_dir / known["scan_id"] / "scan.h5") if known.get("scan_id") else None
-    pending: dict = {}  # results to cache computed before the scan id (and so the file) was known
-    keep = "all" if prepare_only else cache  # what is written to scan.h5 while the scan runs
-
-    def producer(name_of_value, before: int) -> int:
-        """Index of the last step before ``before`` that outputs the value (-1: the input path)."""
-        for j in range(before - 1, -1, -1):
-            if name_of_value in get_step(order[j]).outputs:
-                return j
-        if name_of_value == "path":
-            return -1
-        raise ValueError(f"stage {order[before] if before < len(order) else 'output'!r} needs "
-                         f"{name_of_value!r}, which no earlier stage in {order} produces")
-
-    def value(j: int, name_of_value):
-        if (j, name_of_value) not in values:
-            run_step(j)
-        return values[(j, name_of_value)]
-
-    def run_step(i: int):
-        nonlocal store
-        name = order[i]
-        step, key = get_step(name), step_keys[name]
-        cached = None
-        if store is not None and not force:
-            cached = {out: store.get(f"{name}.{out}", key) for out in step.outputs}
-            if any(v is None for v in cached.values()):
-                cached = None
-        if cached is not None:
-            values.update({(i, out): v for out, v in cached.items()})
-            if reporter is not None:
-                reporter.stage_cached(scan, name)
-            return
-        inputs = {inp: value(producer(inp, i), inp) for inp in step.inputs}
-        extra = {}  # not settings: never part of the stage key
-        if reporter is not None:
-            reporter.stage_started(scan, name)
-            if step.progress_unit:
-                extra["progress"] = reporter.progress_callback(scan, name, step.progress_unit)
-        t0 = time.perf_counter()
-        outputs = step.fn(**inputs, **config.get(name, {}), **extra)
-        result.seconds[name] = round(time.perf_counter() - t0, 3)
-        log.info("%s: %s took %.2f s", scan, name, result.seconds[name])
-        if reporter is not None:
-            reporter.stage_done(scan, name, result.seconds[name])
-        values.update({(i, out): outputs[out] for out in step.outputs})
-        items = {f"{name}.{out}": (key, outputs[out]) for out in step.outputs
-                 if caches_output(out, keep)}
-        if store is None:
-            ct = outputs.get("ct")
-            if ct is None:
-                pending.update(items)
-                return
-            store = StageCache(out_dir / ct.scan_id / "scan.h5")
-            items.update(pending)
-            pending.clear()
-        if items:
-            store.put_many(items)
-
-    # only the final value of each output name is needed; earlier stages load lazily
-    wanted = [o for o in ("ct_1mm", "lung_mask", "candidates") if o in produced] or ["ct"]
-    finals = {out: value(producer(out, len(order)), out) for out in wanted}
-    first = finals[wanted[0]] if wanted[0] != "candidates" else value(producer("ct", len(order)), "ct")
-    scan_id = first.scan_id
+    stages = StageRunner(config, device=device, keys=step_keys, out_dir=out_dir,
+                         scan_id=known.get("scan_id"), keep="all" if prepare_only else cache,
+                         force=force, reporter=reporter, scan=scan, seconds=result.seconds)
+    values = screen(path, config, stages=stages)
+    scan_id = values["ct"].scan_id
     scan_dir = out_dir / scan_id
     result.scan_id, result.out_dir = scan_id, str(scan_dir)
     write_json({"scan_id": scan_id, "source": str(path)}, index_file)
@@ -225,11 +268,11 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     if reporter is not None:
         reporter.stage_started(scan, "write")
     t0 = time.perf_counter()
-    _write_outputs(scan_dir, finals, pictures=pictures, save_ct=save_ct)
+    _write_outputs(scan_dir, values, pictures=pictures, save_ct=save_ct)
     result.seconds["write"] = round(time.perf_counter() - t0, 3)
     if reporter is not None:
         reporter.stage_done(scan, "write", result.seconds["write"])
-    cands = finals.get("candidates")
+    cands = values.get("candidates")
     result.n_candidates = 0 if cands is None else len(cands)
     _trim_cache(StageCache(scan_dir / "scan.h5"), cache)  # before scan.json: a kill leaves it unfinished
     write_json({"scan_id": scan_id, "keys": step_keys, "seconds": result.seconds,

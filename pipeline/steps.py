@@ -11,7 +11,9 @@ outputs; nothing else changes.
 
 A step with a ``progress_unit`` (classify: ``"cubes"``) also takes ``progress=``, a callable
 ``progress(done, total)`` counting that unit, which :func:`pipeline.run.process_scan`
-passes for a progress display.  It is not a setting: it never enters the stage's cache key.
+passes for a progress display.  A step that ``uses_device`` takes ``device=``, the run's
+device, chosen once by :mod:`pipeline.run`.  Neither is a setting: they never enter the
+stage's cache key.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ class Step:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     modules: tuple[str, ...]  # whose source code is part of the cache key
-    cache: bool = True
     progress_unit: str | None = None  # what fn's progress(done, total) counts; None: no progress=
+    uses_device: bool = False  # fn takes the run's device= (chosen once by pipeline.run)
 
 
 def _ingest(path, **settings):
@@ -42,10 +44,10 @@ def _ingest(path, **settings):
     return {"ct": read_scan(path, **settings)}
 
 
-def _resample(ct, *, spacing_mm=(1.0, 1.0, 1.0), device="auto", **settings):
+def _resample(ct, *, device, spacing_mm=(1.0, 1.0, 1.0), **settings):
     from stages.resample import resample
 
-    return {"ct_1mm": resample(ct, spacing_mm=tuple(spacing_mm), device=_device(device), **settings)}
+    return {"ct_1mm": resample(ct, spacing_mm=tuple(spacing_mm), device=device, **settings)}
 
 
 def _lungmask(ct_1mm, **settings):
@@ -54,31 +56,28 @@ def _lungmask(ct_1mm, **settings):
     return {"lung_mask": segment_lungs(ct_1mm, **settings)}
 
 
-def _candidates(ct_1mm, lung_mask, *, device="auto", **settings):
+def _candidates(ct_1mm, lung_mask, *, device, **settings):
     from stages.candidates import find_candidates
 
-    return {"candidates": find_candidates(ct_1mm, lung_mask, device=_device(device), **settings)}
+    return {"candidates": find_candidates(ct_1mm, lung_mask, device=device, **settings)}
 
 
-def _classify(ct_1mm, candidates, *, weights=None, device="auto", progress=None, **settings):
+def _classify(ct_1mm, candidates, *, device, progress=None, **settings):
     from stages.classify import classify_candidates
 
-    return {"candidates": classify_candidates(ct_1mm, candidates, weights=weights, device=_device(device),
-                                              progress=progress, **settings)}
-
-
-def _device(device):
-    return None if device in (None, "auto") else device
+    return {"candidates": classify_candidates(ct_1mm, candidates, device=device, progress=progress,
+                                              **settings)}
 
 
 STEPS: dict[str, Step] = {
     "ingest": Step("ingest", _ingest, ("path",), ("ct",), ("stages.ingest", "stages.hounsfield")),
-    "resample": Step("resample", _resample, ("ct",), ("ct_1mm",), ("stages.resample",)),
+    "resample": Step("resample", _resample, ("ct",), ("ct_1mm",), ("stages.resample",), uses_device=True),
     "lungmask": Step("lungmask", _lungmask, ("ct_1mm",), ("lung_mask",), ("stages.lungmask",)),
     "candidates": Step("candidates", _candidates, ("ct_1mm", "lung_mask"), ("candidates",),
-                       ("stages.candidates", "stages.features", "stages.cluster")),
+                       ("stages.candidates", "stages.features", "stages.cluster"), uses_device=True),
     "classify": Step("classify", _classify, ("ct_1mm", "candidates"), ("candidates",),
-                     ("stages.classify", "nets.cnn3d", "stages.patches"), progress_unit="cubes"),
+                     ("stages.classify", "nets.cnn3d", "stages.patches"), progress_unit="cubes",
+                     uses_device=True),
 }
 
 
@@ -93,8 +92,5 @@ def module_files(step: Step) -> list[Path]:
     """Source files of the step's modules (for the cache key)."""
     files = []
     for mod in step.modules:
-        try:
-            files.append(Path(importlib.import_module(mod).__file__))
-        except ImportError:
-            continue
+        files.append(Path(importlib.import_module(mod).__file__))
     return files

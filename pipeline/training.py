@@ -1,6 +1,9 @@
 """``make train``: train the 3D CNN false-positive classifier on a LUNA16-like tree.
 
-``python -m pipeline.training --data DIR [--out models/] [--epochs N] [--device auto|cpu|cuda]``
+``lungscreen train --data DIR [--config configs/train.yaml] [--out models/] [--epochs N] [--device auto|cpu|cuda]``
+(or ``python -m pipeline.training ...``).  The settings are :func:`train_classifier`'s keyword
+arguments: its defaults, then ``--config``'s (``configs/train.yaml``: what ``make train``
+changes), then the flags given.
 
 The tree (LUNA16 as distributed, or :mod:`synth.benchmark_data`'s benchmark)::
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -39,10 +43,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.io import atomic_path
+
 log = logging.getLogger(__name__)
 
 __all__ = ["train_classifier", "find_scans", "split_scans", "label_candidates",
-           "build_cube_cache", "main", "WEIGHTS_NAME"]
+           "build_cube_cache", "add_arguments", "run_from_args", "main", "WEIGHTS_NAME",
+           "TRAIN_CONFIG"]
 
 WEIGHTS_NAME = "nodule_cnn3d.pt"
 #: HDF5 filters of the cached cubes: lossless, about half the size (a cache travels to a
@@ -246,12 +253,11 @@ def build_cube_cache(path, scans: pd.DataFrame, cands: pd.DataFrame, *, size_mm:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     n = int(round(size_mm / spacing_mm))
     split_of = dict(zip(scans["seriesuid"], scans["split"]))
     cands = cands[cands["seriesuid"].map(split_of).isin(["train", "val"])].reset_index(drop=True)
     cands["split"] = cands["seriesuid"].map(split_of)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs.update({"size_mm": size_mm, "spacing_mm": spacing_mm})
             dsets = {}
@@ -278,10 +284,6 @@ def build_cube_cache(path, scans: pd.DataFrame, cands: pd.DataFrame, *, size_mm:
                 cubes = np.clip(np.rint(cubes), -32768, 32767).astype(np.int16)
                 for r, cube in zip(rows, cubes):
                     dsets[row.split][pos_in_split[r]] = cube
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -524,64 +526,127 @@ def _write_card(res: dict, *, model, data, command, **settings) -> None:
 
 
 # ---------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.training", description=__doc__.split("\n")[0])
+#: The settings ``make train`` / ``lungscreen train`` reads unless ``--config`` names another.
+TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train.yaml"
+
+
+def _config_keys() -> list[str]:
+    """Keys a training config may set: :func:`train_classifier`'s parameters but ``command``
+    (the CLI writes the command line itself)."""
+    return [k for k in inspect.signature(train_classifier).parameters if k != "command"]
+
+
+def _default(key: str) -> str:
+    """``"(default: X)"``: ``key``'s default in :func:`train_classifier`, for ``--help``."""
+    value = inspect.signature(train_classifier).parameters[key].default
+    return f"(default: {','.join(map(str, value)) if isinstance(value, tuple) else value})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``train`` options to ``parser`` (``lungscreen train``, ``python -m pipeline.training``).
+
+    Every setting flag's destination is the :func:`train_classifier` keyword it sets and its
+    default is None, "not given": the value then comes from ``--config``, else from
+    :func:`train_classifier`'s own default, which ``--help`` shows.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The parser to extend.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``parser``.
+    """
+    p = parser
+    p.add_argument("--config", default=str(TRAIN_CONFIG),
+                   help="YAML of train_classifier settings; flags override it (default: configs/train.yaml)")
     p.add_argument("--data", help="LUNA16-like root (subset*/ or train/val/ with .mhd)")
-    p.add_argument("--out", default="models", help="output folder (default: models/)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", default="3e-3",
-                   help="peak learning rate of the one-cycle schedule, or 'auto' (LR finder)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--pos-fraction", type=float, default=0.25, help="fraction of nodules per batch")
-    p.add_argument("--max-neg-per-scan", type=int, default=200)
-    p.add_argument("--size-mm", type=float, default=32.0, help="cube edge, mm")
-    p.add_argument("--widths", default="16,32,64,128", help="channels per CNN stage")
-    p.add_argument("--patience", type=int, default=0, help="early stopping patience (0: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--cache", default=None, help="cube cache folder (default: OUT/cache)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--from-cache", default=None, metavar="H5",
+    p.add_argument("--out", help=f"output folder {_default('out')}")
+    p.add_argument("--epochs", type=int, help=_default("epochs"))
+    p.add_argument("--batch-size", type=int, help=_default("batch_size"))
+    p.add_argument("--lr", help="peak learning rate of the one-cycle schedule, or 'auto' (LR finder) "
+                                + _default("lr"))
+    p.add_argument("--weight-decay", type=float, help=_default("weight_decay"))
+    p.add_argument("--pos-fraction", type=float,
+                   help=f"fraction of nodules per batch {_default('pos_fraction')}")
+    p.add_argument("--max-neg-per-scan", type=int,
+                   help=f"non-nodule candidates kept per scan at most {_default('max_neg_per_scan')}")
+    p.add_argument("--size-mm", type=float, help=f"cube edge, mm {_default('size_mm')}")
+    p.add_argument("--widths", help=f"channels per CNN stage, comma-separated {_default('widths')}")
+    p.add_argument("--patience", type=int, help=f"early stopping patience, 0: off {_default('patience')}")
+    p.add_argument("--seed", type=int, help=_default("seed"))
+    p.add_argument("--device", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--workers", type=int, help=f"DataLoader worker processes {_default('workers')}")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
+    p.add_argument("--cache", dest="cache_dir", help="cube cache folder (default: OUT/cache)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars")
+    p.add_argument("--from-cache", dest="cache_file", metavar="H5",
                    help="train from this cube cache (OUT/cache/cubes-*.h5 of an earlier run) "
                         "instead of reading scans; --data is then not needed")
-    p.add_argument("--lung-neg-per-scan", type=int, default=LUNG_NEG_PER_SCAN,
-                   help="random plain-lung negatives per scan next to the detector's candidates")
-    p.add_argument("--detect-max-candidates", type=int, default=None,
+    p.add_argument("--lung-neg-per-scan", type=int,
+                   help="random plain-lung negatives per scan next to the detector's candidates "
+                        + _default("lung_neg_per_scan"))
+    p.add_argument("--detect-max-candidates", type=int,
                    help="candidates per scan asked of the detector for training (default: "
                         "the detector's own, as in the screen); more = more hard negatives")
-    p.add_argument("--init-weights", default=None, metavar="PT",
+    p.add_argument("--init-weights", metavar="PT",
                    help="fine-tune from this classifier file (e.g. models/nodule_cnn3d.pt) "
                         "instead of random weights")
-    return p
+    return parser
 
 
-def main(argv=None) -> int:
-    """Command line entry; returns the exit status (0 ok, 2 bad input)."""
+def _settings(args: argparse.Namespace) -> dict:
+    """:func:`train_classifier`'s keyword arguments: ``args.config``'s, then the given flags'.
+
+    Text from YAML or the command line becomes what the function takes: ``lr: auto`` None,
+    ``widths: 16,32`` a tuple, ``3e-3`` (which YAML reads as text) a float.
+    """
+    from pipeline.config import load_settings
+
+    keys = _config_keys()
+    settings = load_settings(args.config, keys)
+    settings.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
+    defaults = {k: p.default for k, p in inspect.signature(train_classifier).parameters.items()}
+    if settings.get("lr") == "auto":
+        settings["lr"] = None
+    if isinstance(settings.get("widths"), str):
+        settings["widths"] = settings["widths"].split(",")
+    if settings.get("widths") is not None:
+        settings["widths"] = tuple(int(w) for w in settings["widths"])
+    for key, value in settings.items():
+        if isinstance(value, str) and (key == "lr" or isinstance(defaults.get(key), float)):
+            try:
+                settings[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{key} must be a number, got {value!r}") from None
+    return settings
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Train with the settings of ``args.config`` overridden by the given flags; print a summary.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options added by :func:`add_arguments`; ``args.command_line`` (optional) is recorded in
+        the model card.
+
+    Returns
+    -------
+    int
+        0 trained; 2 bad config or input (the reason is printed as ``error: ...``).
+    """
     from stages.errors import ScanError
 
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    command = "python -m pipeline.training " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
-        if args.data is None and args.from_cache is None:
+        settings = _settings(args)
+        data = settings.pop("data", None)
+        if data is None and settings.get("cache_file") is None:
             raise ValueError("give --data DIR (a LUNA16-like tree) or --from-cache H5")
-        widths = tuple(int(w) for w in args.widths.split(","))
-        lr = None if args.lr == "auto" else float(args.lr)
-        res = train_classifier(args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                               lr=lr, weight_decay=args.weight_decay,
-                               pos_fraction=args.pos_fraction, max_neg_per_scan=args.max_neg_per_scan,
-                               size_mm=args.size_mm, widths=widths, patience=args.patience,
-                               seed=args.seed, device=args.device, workers=args.workers,
-                               resume=args.resume, cache_dir=args.cache,
-                               progress=False if args.no_progress else None, command=command,
-                               cache_file=args.from_cache,
-                               detect_max_candidates=args.detect_max_candidates,
-                               lung_neg_per_scan=args.lung_neg_per_scan,
-                               init_weights=args.init_weights)
+        res = train_classifier(data, command=getattr(args, "command_line", ""), **settings)
     except (FileNotFoundError, ValueError, ScanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -590,6 +655,18 @@ def main(argv=None) -> int:
                       "final": {k: round(v, 4) if isinstance(v, float) else v
                                 for k, v in res["final"].items()}}, indent=1))
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m pipeline.training [--config YAML] --data DIR [...]``; returns the exit status
+    (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m pipeline.training",
+                                                   description=__doc__.split("\n")[0]))
+    args = parser.parse_args(argv)
+    args.command_line = "python -m pipeline.training " + shlex.join(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_from_args(args)
 
 
 if __name__ == "__main__":

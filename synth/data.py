@@ -10,6 +10,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from pipeline.io import atomic_path
+
 log = logging.getLogger(__name__)
 
 __all__ = ["cache_dir", "lung1_paths", "pydicom_test_file", "DataUnavailable"]
@@ -60,10 +62,8 @@ def lung1_paths() -> tuple[Path, Path]:
         for member in tar.getmembers():
             name = Path(member.name).name
             if name in (image.name, label.name) and member.isfile():
-                src = tar.extractfile(member)
-                tmp = image.parent / f".{name}.part"
-                tmp.write_bytes(src.read())
-                os.replace(tmp, image.parent / name)
+                with atomic_path(image.parent / name) as tmp:
+                    tmp.write_bytes(tar.extractfile(member).read())
     if not (image.exists() and label.exists()):
         raise DataUnavailable(f"{tarballs[0]} holds no data/lung1_image.nrrd")
     return image, label

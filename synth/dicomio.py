@@ -17,11 +17,12 @@ they are written as uint16 (Pixel Representation 0) when all are >= 0, else int1
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.io import atomic_path
 
 __all__ = ["write_dicom_series", "write_localizer", "write_rtstruct"]
 
@@ -67,15 +68,9 @@ def _base_dataset(sop_class_uid: str, modality: str, *, study_uid: str, series_u
 
 
 def _save_atomic(ds, path: Path) -> Path:
-    """``ds.save_as`` to a hidden temporary name in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
+    """``ds.save_as`` through :func:`pipeline.io.atomic_path` (a temporary name, then rename)."""
+    with atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

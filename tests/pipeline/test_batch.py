@@ -97,9 +97,9 @@ def test_dsb_tree_with_broken_scans_runs_to_the_end(tmp_path):
     assert not list(out.rglob(".*.part*"))
 
 
-def _cli(args, **kwargs):
+def _cli(args, stderr=subprocess.DEVNULL):
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+                            stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def test_kill_9_and_resume_gives_identical_csvs(tmp_path):
@@ -111,11 +111,21 @@ def test_kill_9_and_resume_gives_identical_csvs(tmp_path):
     assert _cli(["run", str(tree), "--out", str(clean), "--config", config, "--pictures", "1"]).wait() == 1
     killed = tmp_path / "killed"
     rnd = random.Random(7)
-    for _ in range(3):
-        proc = _cli(["run", str(tree), "--out", str(killed), "--config", config, "--pictures", "1"])
-        time.sleep(rnd.uniform(2.0, 12.0))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    for k in range(3):
+        log = tmp_path / f"run{k}.log"
+        with open(log, "w") as err:  # not a terminal: one line per stage start and end
+            proc = _cli(["run", str(tree), "--out", str(killed), "--config", config, "--pictures", "1"],
+                        stderr=err)
+            deadline = time.monotonic() + 300
+            while " started" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rnd.uniform(0.0, 1.5))  # somewhere inside a scan's screen
+            assert proc.poll() is None, "the run ended before it could be killed"
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait() == -signal.SIGKILL
+        text = log.read_text()
+        assert text.count(" started") > text.count(" done in "), text  # killed inside a stage
+        assert not (killed / "run.json").exists()  # the run never reached its end
     assert _cli(["run", str(tree), "--out", str(killed), "--config", config, "--pictures", "1"]).wait() == 1
     for name in ("candidates.csv", "errors.csv"):
         assert (killed / name).read_bytes() == (clean / name).read_bytes(), name

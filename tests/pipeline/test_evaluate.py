@@ -295,7 +295,8 @@ def test_write_froc_and_cli(tmp_path, capsys):
 
 
 def test_registered_as_lungscreen_subcommand(tmp_path, capsys):
-    cli = pytest.importorskip("pipeline.__main__")
+    from pipeline import __main__ as cli
+
     ann, cand = _two_nodules_four_scans()
     ann.to_csv(tmp_path / "a.csv", index=False)
     cand.rename(columns={"probability": "score"}).to_csv(tmp_path / "c.csv", index=False)

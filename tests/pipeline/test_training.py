@@ -246,7 +246,7 @@ def test_committed_model_scores_phantom_nodules_above_plain_lung(seed):
     cands = pd.concat([ann[["coordX", "coordY", "coordZ"]].assign(what=ann["kind"]),
                        pd.DataFrame(xyz, columns=["coordX", "coordY", "coordZ"]).assign(what="lung")],
                       ignore_index=True).assign(score=0.0)
-    out = classify_candidates(vol, cands, device="cpu", tta=8)
+    out = classify_candidates(vol, cands, device="cpu", tta=8, merge_mm=0.0)
     p_nodule = out.loc[out["what"] != "lung", "probability"]
     p_lung = out.loc[out["what"] == "lung", "probability"]
     assert len(p_nodule) == 4 and set(out["what"]) >= {"solid", "ground-glass", "juxta-pleural"}

@@ -85,7 +85,7 @@ def test_phantom_chain_finds_every_nodule(seed):
     vol, ann = make_phantom((64, 128, 128), (3.0, 1.8, 1.8), seed=seed, n_nodules=4)
     assert set(ann["kind"]) >= {"juxta-pleural"} and (ann["diameter_mm"] >= 3).all()
     vol = resample(vol, (1.0, 1.0, 1.0), device="cpu")
-    cands = find_candidates(vol, segment_lungs(vol), device="cpu")
+    cands = find_candidates(vol, segment_lungs(vol), device="cpu", max_candidates=30)
     assert 0 < len(cands) <= 30
     xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy(float)
     for _, nod in ann.iterrows():
@@ -115,7 +115,7 @@ def test_phantom_smallest_nodules_are_found():
                {"centre_zyx_mm": juxta, "diameter_mm": 5.0, "kind": "juxta-pleural"}]
     vol, ann = make_phantom(shape, spacing, seed=11, nodules=nodules)
     vol = resample(vol, (1.0, 1.0, 1.0), device="cpu")
-    cands = find_candidates(vol, segment_lungs(vol), device="cpu")
+    cands = find_candidates(vol, segment_lungs(vol), device="cpu", max_candidates=30)
     assert len(cands) <= 30
     xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy(float)
     for _, nod in ann.iterrows():
@@ -225,8 +225,8 @@ def test_wall_pass_adds_a_centred_mark_for_a_juxta_pleural_nodule():
     def off(c, centre):
         return np.linalg.norm(c[xyz].to_numpy() - centre, axis=1)
 
-    first = find_candidates(vol, mask, device="cpu")
-    both = find_candidates(vol, mask, device="cpu", wall_pass_hu=-320.0)
+    first = find_candidates(vol, mask, device="cpu", wall_pass_hu=None)
+    both = find_candidates(vol, mask, device="cpu")  # the wall pass is on by default
     assert off(first, [24, 16, 13]).min() > 1.0            # off the juxta-pleural centre
     assert off(both, [24, 16, 13]).min() < 0.5             # the wall pass's mark
     assert (off(both, [24, 34, 30]) < 3.5).sum() == 1      # the free nodule: one mark

@@ -83,7 +83,7 @@ def test_classify_merges_nearby_marks_when_asked(tmp_path, ct):
     cands = _cands(ct)
     near = cands.iloc[[0]].assign(coordX=cands["coordX"].iloc[0] + 2.0, score=0.8)
     cands = pd.concat([cands, near], ignore_index=True)
-    full = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1)
+    full = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, merge_mm=0.0)
     merged = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, merge_mm=8.0)
     assert len(full) == 4 and len(merged) == 4 and merged["n_merged"].sum() == 1
     assert merged["merged"].tolist() == [False, False, False, True]  # demoted to the bottom

@@ -345,26 +345,6 @@ def test_lung1_sitk_backend_equals_torch_backend(lung1):
         assert back[0].sum() > 0
 
 
-def test_cpu_default_is_simpleitk_and_torch_is_kept_for_cuda(monkeypatch):
-    calls = []
-    for name in ("_sitk_onto", "_gather_nearest", "_separable", "_general"):
-        real = getattr(rs, name)
-        monkeypatch.setattr(rs, name, lambda *a, _f=real, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
-    vol = Volume(np.arange(27, dtype=np.int16).reshape(3, 3, 3), spacing_mm=(2.0, 1.0, 1.0))
-    rot = Volume(np.zeros((3, 3, 3), np.uint8), spacing_mm=(1.0, 1.0, 1.0), direction=_rotation())
-    resample(vol, 1.0, device="cpu")
-    resample(vol, 1.0, order=0, device="cpu")
-    resample_like(vol, rot, order=0, device="cpu")
-    assert calls == ["_sitk_onto", "_gather_nearest", "_sitk_onto"]
-    calls.clear()
-    resample(vol, 1.0, device="cpu", method="torch")
-    resample_like(vol, rot, device="cpu", method="torch")
-    assert calls == ["_separable", "_general"]
-    calls.clear()
-    resample(vol, 1.0)  # device=None: torch on a GPU, SimpleITK without one
-    assert calls == (["_separable"] if CUDA else ["_sitk_onto"])
-
-
 def test_bad_method_raises():
     vol = Volume(np.zeros((3, 3, 3), np.int16), spacing_mm=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="method"):

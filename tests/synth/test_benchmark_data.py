@@ -159,7 +159,6 @@ SMALL = dict(n_scans=3, shape_zyx=(48, 80, 80), n_real=0, n_real_other=0, nodule
 
 @pytest.fixture(scope="module")
 def small_benchmark(tmp_path_factory, lidc_sqlite):
-    pytest.importorskip("synth.phantom")
     out = tmp_path_factory.mktemp("bench")
     manifest = bd.build_benchmark(out, seed=7, sqlite_path=lidc_sqlite, workers=1, **SMALL)
     return out, manifest
@@ -229,7 +228,6 @@ def test_build_is_deterministic_whatever_the_worker_count(small_benchmark, tmp_p
 
 
 def test_command_line(tmp_path, capsys, lidc_sqlite):
-    pytest.importorskip("synth.phantom")
     assert bd.main(["--out", str(tmp_path), "--n-scans", "3", "--shape", "40", "64", "64",
                     "--n-real", "0", "--n-real-other", "0", "--workers", "1", "--seed", "2"]) == 0
     printed = capsys.readouterr().out
@@ -303,7 +301,6 @@ def test_lung1_cranial_caudal_parts(lung1):
 
 
 def test_lung1_parts_go_to_their_own_splits(lung1, lidc_sqlite, tmp_path):
-    pytest.importorskip("synth.phantom")
     manifest = bd.build_benchmark(tmp_path, n_scans=3, shape_zyx=(40, 64, 64), n_real=1, n_real_other=1,
                                   nodules_per_scan=(1, 1), small_findings_per_scan=(0, 0), seed=1,
                                   sqlite_path=lidc_sqlite, workers=1)

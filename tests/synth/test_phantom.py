@@ -173,7 +173,6 @@ def test_other_formats(tmp_path, fmt, suffix):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dicom_series_reads_back(tmp_path, seed):
-    pytest.importorskip("synth.dicomio")
     from stages.ingest import read_scan
 
     folder, ann = write_phantom_scan(tmp_path / "series", seed=seed, n_nodules=2, **SMALL)
