@@ -15,15 +15,7 @@ BENCHES = {"ingest": "bench.ingest", "cluster": "bench.cluster",
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``bench`` options to ``parser`` (for ``lungscreen bench`` and ``python -m bench``).
 
-    Parameters
-    ----------
-    parser : argparse.ArgumentParser
-        The parser to extend.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        ``parser``.
+    Returns ``parser``, extended.
     """
     parser.add_argument("--out", default="bench", help="folder of the JSON results (default: bench/)")
     parser.add_argument("--only", default=",".join(BENCHES),
@@ -34,15 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmarks ``args.only`` names, each as ``python -m bench.<name> --out OUT``.
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        Options added by :func:`add_arguments`.
-
-    Returns
-    -------
-    int
-        0 all ran, 1 some failed, 2 an unknown benchmark name.
+    ``args`` come from :func:`add_arguments`; returns the exit status: 0 all ran, 1 some failed, 2 an unknown benchmark name.
     """
     names = args.only.split(",")
     unknown = [n for n in names if n not in BENCHES]

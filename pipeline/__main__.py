@@ -111,15 +111,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     The config is read (and every key checked) before any scan is looked for.
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        Options added by :func:`add_arguments`.
-
-    Returns
-    -------
-    int
-        0 all scans done, 1 some failed, 2 bad usage, config or input.
+    ``args`` come from :func:`add_arguments`; returns the exit status: 0 all scans done, 1 some failed, 2 bad usage, config or input.
     """
     from pipeline.batch import discover_scans, run_many
     from pipeline.config import load_config

@@ -445,15 +445,7 @@ def format_result(result: FrocResult) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``evaluate`` options to ``parser`` (``lungscreen evaluate``, ``python -m pipeline.evaluate``).
 
-    Parameters
-    ----------
-    parser : argparse.ArgumentParser
-        The parser to extend.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        ``parser``.
+    Returns ``parser``, extended.
     """
     parser.add_argument("--annotations", required=True, help="annotations.csv (LUNA16 columns)")
     parser.add_argument("--candidates", required=True,
@@ -471,15 +463,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the evaluation the parsed ``args`` describe, print it, write the files if ``--out``.
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        Options added by :func:`add_arguments`.
-
-    Returns
-    -------
-    int
-        0 done; 2 a table is missing or unusable (the reason is printed as ``error: ...``).
+    ``args`` come from :func:`add_arguments`; returns the exit status: 0 done; 2 a table is missing or unusable (the reason is printed as ``error: ...``).
     """
     try:
         ann = pd.read_csv(args.annotations, dtype={"seriesuid": str})

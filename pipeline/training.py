@@ -549,15 +549,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     default is None, "not given": the value then comes from ``--config``, else from
     :func:`train_classifier`'s own default, which ``--help`` shows.
 
-    Parameters
-    ----------
-    parser : argparse.ArgumentParser
-        The parser to extend.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        ``parser``.
+    Returns ``parser``, extended.
     """
     p = parser
     p.add_argument("--config", default=str(TRAIN_CONFIG),

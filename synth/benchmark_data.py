@@ -967,15 +967,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     For ``lungscreen benchmark-data`` (``make benchmark-data``) and ``python -m synth.benchmark_data``.
 
-    Parameters
-    ----------
-    parser : argparse.ArgumentParser
-        The parser to extend.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        ``parser``.
+    Returns ``parser``, extended.
     """
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n-scans", type=int, default=24, help="number of scans (default 24)")
@@ -998,15 +990,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace) -> int:
     """Build the benchmark the parsed ``args`` describe and print its counts.
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        Options added by :func:`add_arguments`.
-
-    Returns
-    -------
-    int
-        The exit status, 0.
+    ``args`` come from :func:`add_arguments`; returns the exit status: The exit status, 0.
     """
     manifest = build_benchmark(args.out, n_scans=args.n_scans, seed=args.seed, shape_zyx=tuple(args.shape),
                                n_real=args.n_real, real_split=args.real_split, real_part=args.real_part,
