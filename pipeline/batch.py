@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.cache import DEFAULT_CACHE, check_cache_choice
+from pipeline.config import effective_settings
 from pipeline.io import write_csv, write_json
 from pipeline.progress import DEFAULT_MODE, Reporter
 from pipeline.run import PICTURES, ScanResult, process_scan
@@ -268,6 +269,7 @@ def write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **ru
     write_csv(errors, out_dir / "errors.csv")
     write_json({"python": sys.version.split()[0], "platform": platform.platform(),
                 "versions": _versions(), "config": config,
+                "settings": effective_settings(config),
                 "n_scans": len(results), "n_failed": int(sum(r.status == "failed" for r in results)),
                 **run_info, "scans": [asdict(r) for r in results]}, out_dir / "run.json")
     write_report(out_dir, results)

@@ -21,7 +21,8 @@ from typing import Callable, Iterable
 
 import yaml
 
-__all__ = ["load_config", "load_settings", "stage_settings", "DEFAULT_CONFIG", "STAGE_FUNCTIONS"]
+__all__ = ["load_config", "load_settings", "stage_settings", "effective_settings", "DEFAULT_CONFIG",
+           "STAGE_FUNCTIONS"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 #: The stage function each step's adapter in :mod:`pipeline.steps` forwards ``**settings`` to
@@ -179,6 +180,33 @@ def stage_settings(name: str) -> frozenset[str] | None:
         more, _, _ = _parameters(getattr(importlib.import_module(module), function))
         keys |= more
     return frozenset(keys - given - RUNNER_ARGUMENTS)
+
+
+def effective_settings(config: dict) -> dict:
+    """Every setting each listed stage runs with: its functions' keyword defaults, then the
+    config's overrides (what ``run.json`` records, so a run can be repeated exactly).
+
+    Examples
+    --------
+    >>> s = effective_settings(load_config())
+    >>> s["candidates"]["max_candidates"], s["classify"]["tta_top"]
+    (1000, 100)
+    """
+    from pipeline.steps import get_step
+
+    out = {}
+    for name in config["stages"]:
+        fns = [get_step(name).fn]
+        if name in STAGE_FUNCTIONS:
+            module, function = STAGE_FUNCTIONS[name].split(":")
+            fns.insert(0, getattr(importlib.import_module(module), function))
+        keys = stage_settings(name) or frozenset()
+        values = {}
+        for fn in fns:  # the adapter's own defaults win over the stage function's
+            values.update({p.name: p.default for p in inspect.signature(fn).parameters.values()
+                           if p.name in keys and p.default is not p.empty})
+        out[name] = {**dict(sorted(values.items())), **config.get(name, {})}
+    return out
 
 
 def _parameters(fn: Callable) -> tuple[set[str], set[str], bool]:

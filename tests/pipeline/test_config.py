@@ -115,3 +115,14 @@ def test_load_settings_refuses_an_unknown_key(tmp_path):
         load_settings(path, ["epochs"])
     with pytest.raises(ValueError, match="config file not found"):
         load_settings(tmp_path / "missing.yaml", ["epochs"])
+
+
+def test_effective_settings_are_the_function_defaults_then_the_overrides(tmp_path):
+    from pipeline.config import effective_settings
+    from stages.candidates import MAX_CANDIDATES, WALL_PASS_HU
+
+    settings = effective_settings(load_config(_config(tmp_path, "candidates:\n  max_candidates: 7\n")))
+    assert settings["candidates"]["max_candidates"] == 7 != MAX_CANDIDATES
+    assert settings["candidates"]["wall_pass_hu"] == WALL_PASS_HU
+    assert settings["resample"]["spacing_mm"] == (1.0, 1.0, 1.0)
+    assert "device" not in settings["classify"] and "progress" not in settings["classify"]
