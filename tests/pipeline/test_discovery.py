@@ -51,9 +51,12 @@ def test_missing_source_is_a_clean_error(tmp_path):
 def test_config_extends_and_rejects_bad_files(tmp_path):
     from pipeline.config import load_config
 
+    from pipeline.config import effective_settings
+
     luna = load_config(Path(__file__).resolve().parents[2] / "configs" / "luna16.yaml")
-    assert luna["candidates"]["max_candidates"] == 1000
-    assert luna["candidates"]["bandwidth"] == 1.0 and luna["stages"][0] == "ingest"
+    assert luna["stages"][0] == "ingest"
+    settings = effective_settings(luna)  # extends default.yaml: the functions' defaults
+    assert settings["candidates"]["max_candidates"] == 1000 and settings["candidates"]["bandwidth"] == 1.0
     (tmp_path / "bad.yaml").write_text("stages: [ingest\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
@@ -70,9 +73,11 @@ def test_configs_classify_more_candidates_than_the_froc_reads(name):
     """The classifier, not the detector's score, picks the marks LUNA16's FROC reads: the
     detector hands over more than the FROC's cap (real CT gives about 600 candidates and a
     nodule can rank past 100 by the detector's score)."""
-    from pipeline.config import load_config
+    from pipeline.config import effective_settings, load_config
     from pipeline.evaluate import MAX_MARKS_PER_SCAN
 
     config = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
     assert "classify" in config["stages"]
-    assert config["candidates"]["max_candidates"] > MAX_MARKS_PER_SCAN
+    settings = effective_settings(config)
+    assert settings["candidates"]["max_candidates"] > MAX_MARKS_PER_SCAN
+    assert settings["classify"]["max_candidates"] is None  # the classify stage cuts nothing
