@@ -51,6 +51,9 @@ def discover_scans(source, *, limit: int | None = None, only: list[str] | None =
     a LUNA16 tree (``subset0..9/*.mhd``), one image file, a text file listing paths (one a
     line, ``#`` comments), or a mix.  A folder that directly holds DICOM-like files is one
     scan (nested series inside it are read with it); otherwise its subfolders are searched.
+    An empty folder inside ``source`` and a listed path that is missing or holds no scan are
+    returned too, so that each fails alone with its reason in ``errors.csv`` while the other
+    scans run.
 
     Parameters
     ----------
@@ -74,7 +77,9 @@ def discover_scans(source, *, limit: int | None = None, only: list[str] | None =
                 line = line.split("#", 1)[0].strip()
                 if line:
                     entry = Path(line) if Path(line).is_absolute() else source.parent / line
-                    found.extend(discover_scans(entry))
+                    # an entry that is missing or holds no scan is handed on as it is: it fails
+                    # alone, with its reason in errors.csv, and the rest run
+                    found.extend((discover_scans(entry) if entry.exists() else []) or [entry])
         else:
             found.append(source)
     else:
@@ -91,15 +96,18 @@ def discover_scans(source, *, limit: int | None = None, only: list[str] | None =
     return scans[:limit] if limit else scans
 
 
-def _walk(folder: Path) -> list[Path]:
+def _walk(folder: Path, *, top: bool = True) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not top and not files and not subs:
+        return [folder]  # an empty patient folder: it fails alone, in errors.csv, not in silence
     images = [p for p in files if _suffix(p) in IMAGE_SUFFIXES]
     dicom_like = [p for p in files if _suffix(p) not in IMAGE_SUFFIXES + NOT_DICOM_SUFFIXES]
     if dicom_like:
         return [folder] + images
     out = list(images)
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        out.extend(_walk(sub))
+    for sub in subs:
+        out.extend(_walk(sub, top=False))
     return out
 
 

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipeline.batch import discover_scans
@@ -81,3 +82,22 @@ def test_configs_classify_more_candidates_than_the_froc_reads(name):
     settings = effective_settings(config)
     assert settings["candidates"]["max_candidates"] > MAX_MARKS_PER_SCAN
     assert settings["classify"]["max_candidates"] is None  # the classify stage cuts nothing
+
+
+def test_a_missing_listed_path_and_an_empty_patient_folder_fail_alone(tmp_path):
+    """Each becomes one failed scan with its reason in errors.csv; the good scans still run."""
+    from pipeline.batch import run_many
+
+    tree = tmp_path / "dsb"
+    _touch(tree / "patient1" / "IM1")
+    (tree / "patient2").mkdir()  # empty: exported without images
+    (tree / ".hidden").mkdir()  # hidden folders stay ignored
+    assert discover_scans(tree) == [tree / "patient1", tree / "patient2"]
+    assert discover_scans(tree / "patient2") == []  # the source itself empty: nothing to run
+    listing = _touch(tmp_path / "list.txt", f"dsb/patient2\nnot/there\n{tree / 'patient1'}\n".encode())
+    assert discover_scans(listing) == [tree / "patient2", tmp_path / "not" / "there", tree / "patient1"]
+    results = run_many(discover_scans(listing), tmp_path / "out", {"stages": ["ingest"]}, progress="quiet")
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
+    reasons = dict(zip(errors["path"].map(lambda p: Path(p).name), errors["error"]))
+    assert "empty folder" in reasons["patient2"] and "no such file or folder" in reasons["there"]
+    assert len(results) == 3
