@@ -219,11 +219,19 @@ def _read_sitk(path: Path, max_voxels: int, hu_opts: dict) -> Volume:
     if n_voxels > max_voxels:
         raise ScanError(path, f"header says {size[0]}x{size[1]}x{size[2]} = {n_voxels} voxels, "
                               f"more than max_voxels={max_voxels}")
+    if fmt == "mhd":
+        _check_metaimage_data(path, n_voxels, reader.GetPixelID())
+    if path.name.lower().endswith(".gz"):
+        _check_gzip_stream(path)
     try:
         img = reader.Execute()
     except RuntimeError as exc:
         raise ScanError(path, f"unreadable {fmt} file, truncated or missing data ({_first_line(exc)})") from None
     stored = sitk.GetArrayFromImage(img)
+    if stored.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(stored)))
+        if bad:
+            raise ScanError(path, f"{bad} voxels are NaN or infinite; a CT holds finite HU values")
     hu = np.empty(stored.shape, np.int16)
     for k in range(stored.shape[0]):  # slice by slice keeps the float64 copy small
         hu[k] = to_hounsfield(stored[k], **hu_opts)
@@ -234,6 +242,42 @@ def _read_sitk(path: Path, max_voxels: int, hu_opts: dict) -> Volume:
                                          scan_id=_scan_stem(path), meta=meta)
     except ValueError as exc:
         raise ScanError(path, f"unusable geometry in header ({exc})") from None
+
+
+def _check_metaimage_data(path: Path, n_voxels: int, pixel_id: int) -> None:
+    """Refuse a MetaImage whose data file is missing or shorter than its header says."""
+    import SimpleITK as sitk
+
+    header = {}
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        header[key.strip()] = value.strip()
+    name = header.get("ElementDataFile", "")
+    if not name or name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name:
+        return  # data in the header file, or a file list: SimpleITK checks those itself
+    data = path.parent / name
+    if not data.is_file():
+        raise ScanError(path, f"its data file {name} (ElementDataFile) is missing")
+    if header.get("CompressedData", "False").lower() == "true":
+        return
+    bytes_per_voxel = sitk.Image(1, 1, pixel_id).GetSizeOfPixelComponent() if pixel_id >= 0 else 0
+    need, have = n_voxels * bytes_per_voxel, data.stat().st_size
+    if bytes_per_voxel and have < need:
+        raise ScanError(path, f"its data file {name} holds {have} bytes, the header needs {need} "
+                              "(truncated)")
+
+
+def _check_gzip_stream(path: Path) -> None:
+    """Refuse a gzip file whose stream ends early (SimpleITK would zero-fill the rest)."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ScanError(path, f"truncated or corrupt gzip data ({_first_line(exc)})") from None
 
 
 # ---------------------------------------------------------------------------- DICOM headers

@@ -394,11 +394,30 @@ def test_absurd_metaimage_header_is_refused_before_reading_data(tmp_path):
         read_scan(tmp_path / "huge.mhd")
 
 
-def test_metaimage_without_its_data_file(tmp_path, rng):
-    write_volume(_volume(rng), tmp_path / "x.mhd")
-    (tmp_path / "x.raw").unlink()
-    with pytest.raises(ScanError, match=r"x\.mhd: unreadable mhd file, truncated or missing data"):
+def test_metaimage_with_a_missing_or_short_data_file_says_which(tmp_path, rng):
+    vol = _volume(rng)
+    write_volume(vol, tmp_path / "x.mhd")
+    raw = (tmp_path / "x.raw").read_bytes()
+    (tmp_path / "x.raw").write_bytes(raw[:-10])
+    with pytest.raises(ScanError, match=rf"x\.mhd: its data file x\.raw holds {len(raw) - 10} bytes, "
+                                        rf"the header needs {len(raw)} \(truncated\)$"):
         read_scan(tmp_path / "x.mhd")
+    (tmp_path / "x.raw").unlink()
+    with pytest.raises(ScanError, match=r"x\.mhd: its data file x\.raw \(ElementDataFile\) is missing$"):
+        read_scan(tmp_path / "x.mhd")
+
+
+def test_truncated_gzip_nifti_and_nan_voxels_are_refused(tmp_path, rng):
+    write_volume(_volume(rng), tmp_path / "x.nii.gz")
+    data = (tmp_path / "x.nii.gz").read_bytes()
+    (tmp_path / "x.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ScanError, match=r"x\.nii\.gz: truncated or corrupt gzip data"):
+        read_scan(tmp_path / "x.nii.gz")
+    arr = rng.normal(-500, 100, size=(6, 8, 8)).astype(np.float32)
+    arr[2, 3, 4] = np.nan
+    write_volume(Volume(arr, spacing_mm=(2.0, 1.0, 1.0)), tmp_path / "f.nrrd")
+    with pytest.raises(ScanError, match=r"f\.nrrd: 1 voxels are NaN or infinite"):
+        read_scan(tmp_path / "f.nrrd")
 
 
 def test_nrrd_that_is_not_a_volume(tmp_path):
