@@ -197,21 +197,17 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
     n_more = (tta - 1) if tta > 1 else 0
     total = len(x) + n_top * n_more
 
-    def first_pass(done, _):
-        if progress is not None:
-            progress(done, total)
+    def counted_from(start):  # both passes report against one total
+        return None if progress is None else (lambda done, _: progress(start + done, total))
 
-    prob = predict_tta(model, x, n=1, batch_size=batch_size, progress=first_pass).numpy().astype(np.float64)
+    prob = predict_tta(model, x, n=1, batch_size=batch_size,
+                       progress=counted_from(0)).numpy().astype(np.float64)
     # the first pass's ranking (ties: the detector's order) picks who gets the flips and who stays
     rank = np.argsort(-prob, kind="stable")
     top = rank[:n_top]
     if n_more and n_top:
-        def second_pass(done, _):
-            if progress is not None:
-                progress(len(x) + done, total)
-
         flipped = predict_tta(model, x[torch.from_numpy(top)], flips=FLIP_AXES[1:tta],
-                              batch_size=batch_size, progress=second_pass).numpy().astype(np.float64)
+                              batch_size=batch_size, progress=counted_from(len(x))).numpy().astype(np.float64)
         prob[top] = (prob[top] + n_more * flipped) / tta
     augmented = np.zeros(len(x), bool)
     augmented[top] = n_more > 0
