@@ -27,3 +27,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def pycerr():
+    """``{"pat_1": folder, ...}``: pycerr's four real chest CTs with tumour RTSTRUCTs, or skip."""
+    from synth.data import DataUnavailable, pycerr_patients
+
+    try:
+        return pycerr_patients()
+    except DataUnavailable as exc:
+        pytest.skip(f"pycerr chest CTs not available: {exc}")

@@ -84,6 +84,34 @@ def test_body_touching_the_image_edge_keeps_the_lungs():
     assert not np.any(lab[outside_air])
 
 
+def test_lung_cut_by_the_field_of_view_edge_is_kept():
+    full = _chest()
+    cut = Volume(full.array[:, :, 30:], spacing_mm=full.spacing_mm)  # the right lung runs off the image
+    truth = cut.array == LUNG_HU
+    assert truth[:, :, 0].any()
+    lab = segment_lungs(cut).array
+    assert set(np.unique(lab).tolist()) == {0, 1, 2}
+    right = truth.copy()
+    right[:, :, 40:] = False  # the cut lung: everything left of the mid-line
+    assert 2 * np.sum((lab == RIGHT_LUNG) & right) / (np.sum(lab == RIGHT_LUNG) + right.sum()) > 0.97
+    outside_air = (cut.array == AIR_HU) & ~truth
+    assert outside_air[:, :, 0].any() and not np.any(lab[outside_air])
+    # treating every border-touching air as outside (the old rule) loses the cut lung
+    old = segment_lungs(cut, outside_air_fraction=0).array
+    assert np.sum(old == RIGHT_LUNG) < 0.1 * right.sum()
+
+
+def test_real_lungs_cut_by_the_field_of_view_are_found(pycerr):
+    """pycerr's chest CTs are cropped to one lung, which touches the image edge in every scan."""
+    from stages.ingest import read_scan
+    from stages.resample import resample
+
+    for name, folder in pycerr.items():
+        ct = resample(read_scan(folder))
+        ml = lung_volume_ml(segment_lungs(ct))["total_ml"]
+        assert ml > 600, f"{name}: {ml} mL"  # was 60-109 mL: only air pockets away from the edge
+
+
 def test_scan_cut_through_apex_and_base():
     full = _chest(shape=(60, 100, 140))
     cut = Volume(full.array[15:45], spacing_mm=full.spacing_mm)  # lungs reach both z faces
