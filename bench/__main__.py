@@ -9,7 +9,8 @@ import sys
 __all__ = ["add_arguments", "run_from_args", "main", "BENCHES"]
 
 BENCHES = {"ingest": "bench.ingest", "cluster": "bench.cluster",
-           "train": "bench.train", "batch": "bench.batch", "screen": "bench.screen"}
+           "train": "bench.train", "batch": "bench.batch", "screen": "bench.screen",
+           "real": "bench.real"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
