@@ -14,7 +14,7 @@ DATA     ?= $(BENCH_DATA)
 MODELS   ?= models
 EVAL_OUT ?= out/eval
 
-.PHONY: run test bench eval train benchmark-data venv clean
+.PHONY: run test bench eval train train-lesions benchmark-data venv clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ benchmark-data: $(STAMP)
 # train the 3D CNN on a LUNA16 tree (DATA=/path/to/luna16) or on the benchmark; settings: configs/train.yaml
 train: $(STAMP)
 	$(BIN)/python -m pipeline train --data "$(DATA)" --out "$(MODELS)" $(ARGS)
+
+# the lung mask's lesion net: leave each real patient out in turn (scored), then train on all
+train-lesions: $(STAMP)
+	$(BIN)/python -m pipeline train-lesions --lopo --out "$(MODELS)/lesion_net.pt" $(ARGS)
 
 # screen the benchmark's test split and score it with LUNA16's FROC/CPM
 eval: $(STAMP)

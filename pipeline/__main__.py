@@ -5,6 +5,7 @@
 ``evaluate``              LUNA16 FROC / CPM of a run's marks (:mod:`pipeline.evaluate`)
 ``train``                 train the 3D CNN classifier (:mod:`pipeline.training`,
                           settings in ``configs/train.yaml``)
+``train-lesions``         train the lung mask's lesion net (:mod:`pipeline.lesion_training`)
 ``benchmark-data``        build the LIDC-shape benchmark (:mod:`synth.benchmark_data`)
 ``bench``                 run the benchmarks (:mod:`bench.__main__`)
 ========================  ===================================================================
@@ -36,6 +37,8 @@ COMMANDS = {
     "evaluate": ("pipeline.evaluate", "LUNA16 FROC / CPM of a run's candidates.csv", logging.WARNING),
     "train": ("pipeline.training", "train the 3D CNN classifier (settings: configs/train.yaml)",
               logging.INFO),
+    "train-lesions": ("pipeline.lesion_training", "train the lung mask's lesion net (leave-one-"
+                      "patient-out with --lopo)", logging.INFO),
     "benchmark-data": ("synth.benchmark_data", "build the LIDC-shape benchmark (real nodule "
                        "outlines in CT backgrounds)", logging.INFO),
     "bench": ("bench.__main__", "run the benchmarks (JSON under bench/)", logging.WARNING),

@@ -72,7 +72,7 @@ def _classify(ct_1mm, candidates, *, device, progress=None, **settings):
 STEPS: dict[str, Step] = {
     "ingest": Step("ingest", _ingest, ("path",), ("ct",), ("stages.ingest", "stages.hounsfield")),
     "resample": Step("resample", _resample, ("ct",), ("ct_1mm",), ("stages.resample",), uses_device=True),
-    "lungmask": Step("lungmask", _lungmask, ("ct_1mm",), ("lung_mask",), ("stages.lungmask",)),
+    "lungmask": Step("lungmask", _lungmask, ("ct_1mm",), ("lung_mask",), ("stages.lungmask", "nets.lesionnet")),
     "candidates": Step("candidates", _candidates, ("ct_1mm", "lung_mask"), ("candidates",),
                        ("stages.candidates", "stages.features", "stages.cluster", "stages._cluster_dense",
                         "stages._meanshift", "stages._meanshift_grid", "stages._meanshift_paths",

@@ -68,9 +68,9 @@ log = logging.getLogger(__name__)
 __all__ = ["find_candidates", "CANDIDATE_COLUMNS", "FEATURE_COLUMNS"]
 
 #: LUNA16 columns first, then the score; then the measured features.
-CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "score"]
+CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "finding", "score"]
 FEATURE_COLUMNS = ["volume_mm3", "mean_hu", "shape_index", "sphericity", "dist_to_pleura_mm",
-                   "n_voxels"]
+                   "n_voxels", "mass_id"]
 #: Voxels with a shape index below this are not candidate points (tubes are 0.75).
 SI_FLOOR = 0.8
 #: Mean-shift bandwidth, in scaled feature units (see stages.features scales).
@@ -118,6 +118,13 @@ WALL_PASS_HU = -320.0
 WALL_AIR_HU = float(AIR_HU)
 WALL_SI_CHANGE = 0.01
 WALL_DEDUPE_MM = 1.0
+#: Masses (step 7): lung voxels denser than MASS_HU, opened by a ball of MASS_OPEN_MM
+#: radius (vessels of the hilum are up to about 8 mm across), on a MASS_GRID_MM grid.
+MASS_HU = -100.0
+MASS_OPEN_MM = 6.0
+MASS_GRID_MM = 2.0
+#: Findings over this equivalent diameter (mm) are masses (the Fleischner / Lung-RADS cut).
+MASS_DIAMETER_MM = 30.0
 #: Half-size (mm) of the box searched for the lung border around a candidate.
 PLEURA_SEARCH_MM = 20.0
 
@@ -144,7 +151,9 @@ def _check(vol, mask):
 def _empty(scan_id) -> pd.DataFrame:
     df = pd.DataFrame({c: pd.Series(dtype=float) for c in CANDIDATE_COLUMNS + FEATURE_COLUMNS})
     df["seriesuid"] = pd.Series(dtype=str)
+    df["finding"] = pd.Series(dtype=str)
     df["n_voxels"] = pd.Series(dtype=np.int64)
+    df["mass_id"] = pd.Series(dtype=np.int64)
     return df
 
 
@@ -274,6 +283,49 @@ def _measure(vol: Volume, clustered, *, hu_floor, scale_si, min_diameter_mm,
     return rows
 
 
+def _masses(vol: Volume, lung: np.ndarray, mass_hu: float, min_diameter_mm: float):
+    """Step 7: ``(rows, labels)``: one row per mass (the row layout of :func:`_measure`) and
+    the masses' voxels labelled 1..n (0 elsewhere) on ``vol``'s grid."""
+    spacing = np.asarray(vol.spacing_mm, float)
+    dense = lung & (vol.array > mass_hu)
+    if not dense.any():
+        return [], None
+    f = tuple(max(1, int(round(MASS_GRID_MM / s))) for s in spacing)
+    shape = tuple(-(-n // k) for n, k in zip(dense.shape, f))
+    pad = [(0, a * k - n) for a, k, n in zip(shape, f, dense.shape)]
+    coarse = np.pad(dense, pad).reshape(shape[0], f[0], shape[1], f[1], shape[2], f[2]).mean(axis=(1, 3, 5)) >= 0.5
+    sp = spacing * f
+    core = ndi.distance_transform_edt(coarse, sampling=sp) > MASS_OPEN_MM
+    if not core.any():
+        return [], None
+    opened = ndi.distance_transform_edt(~core, sampling=sp) <= MASS_OPEN_MM
+    pieces, n = ndi.label(opened & coarse)
+    if n == 0:
+        return [], None
+    up = pieces
+    for ax, k in enumerate(f):
+        up = np.repeat(up, k, axis=ax)
+    labels = np.where(dense, up[:dense.shape[0], :dense.shape[1], :dense.shape[2]], 0)
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    voxel_mm3 = float(np.prod(spacing))
+    rows, keep = [], np.zeros(n + 1, np.int32)
+    for i in np.flatnonzero(counts):
+        if i == 0:
+            continue
+        diameter = float((6 * counts[i] * voxel_mm3 / np.pi) ** (1 / 3))
+        if diameter <= min_diameter_mm:
+            continue
+        idx = np.argwhere(labels == i)
+        w = vol.index_to_world(idx)
+        mean = w.mean(axis=0)
+        evals = np.linalg.eigvalsh(np.cov((w - mean).T))
+        sphericity = float(np.sqrt(max(evals[0], 0) / evals[2])) if evals[2] > 0 else 1.0
+        keep[i] = len(rows) + 1
+        rows.append((mean, diameter, sphericity, counts[i] * voxel_mm3,
+                     float(vol.array[tuple(idx.T)].mean()), float("nan"), sphericity, int(counts[i])))
+    return rows, keep[labels] if rows else None
+
+
 def _one_per_blob(rows, max_candidates: int):
     """Drop a row whose centre lies inside a better one (rows sorted best first); keep the
     best ``max_candidates``."""
@@ -299,7 +351,8 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
                     centre_hu_power: float = CENTRE_HU_POWER, blob_hu: float | None = BLOB_HU,
                     outside_hu: float | None = OUTSIDE_HU,
                     wall_pass_hu: float | None = WALL_PASS_HU,
-                    wall_dedupe_mm: float = WALL_DEDUPE_MM, device=None,
+                    wall_dedupe_mm: float = WALL_DEDUPE_MM, mass_hu: float | None = MASS_HU,
+                    device=None,
                     seed: int = 0) -> pd.DataFrame:
     """Find nodule candidates in the lungs of a CT volume.
 
@@ -347,6 +400,9 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
         lung mask's air threshold); ``None`` turns it off.  Ignored when ``outside_hu`` is set.
     wall_dedupe_mm : float
         A wall-pass mark this close (mm) to a first-pass mark is not added.
+    mass_hu : float or None
+        Density floor (HU) of the mass pass (step 7; default :data:`MASS_HU`); ``None``
+        turns it off (nothing over ``max_diameter_mm`` is then found).
     device : str, optional
         Torch device for the clustering; ``None``: CUDA when available, else CPU.
     seed : int
@@ -356,8 +412,9 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     -------
     pandas.DataFrame
         One row per candidate, best first: ``seriesuid, coordX, coordY, coordZ`` (world LPS
-        mm, LUNA16 order), ``diameter_mm, score`` (0..1), then ``volume_mm3, mean_hu,
-        shape_index, sphericity, dist_to_pleura_mm, n_voxels``.
+        mm, LUNA16 order), ``diameter_mm``, ``finding`` (``"nodule"``, or ``"mass"`` over
+        :data:`MASS_DIAMETER_MM`), ``score`` (0..1), then ``volume_mm3, mean_hu,
+        shape_index, sphericity, dist_to_pleura_mm, n_voxels, mass_id`` (step 7).
 
     Raises
     ------
@@ -439,6 +496,17 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
                  or np.min(np.linalg.norm(first - r[0], axis=1)) > wall_dedupe_mm]
         rows = sorted(rows + extra, key=lambda r: -r[2])[:max_candidates]
         log.debug("candidates: wall pass added %d of %d marks", len(extra), len(found[1]))
+    mass_of = [0] * len(rows)
+    if mass_hu is not None:
+        masses, mass_labels = _masses(vol, lung, mass_hu, max_diameter_mm)
+        if masses:  # one lesion, one finding: marks inside a mass are tagged with it
+            at = np.clip(np.round(vol.world_to_index(np.array([r[0] for r in rows]).reshape(-1, 3))).astype(int),
+                         0, np.asarray(vol.shape) - 1)
+            inside = mass_labels[tuple(at.T)] if rows else np.zeros(0, int)
+            tagged = sorted(zip(rows + masses, list(inside) + list(range(1, len(masses) + 1))),
+                            key=lambda t: -t[0][2])[:max_candidates]
+            rows, mass_of = [t[0] for t in tagged], [int(t[1]) for t in tagged]
+            log.debug("candidates: %d masses, %d marks inside them", len(masses), int((inside > 0).sum()))
     if not rows:
         return _empty(vol.scan_id)
     spacing = np.asarray(vol.spacing_mm)
@@ -447,11 +515,14 @@ def find_candidates(vol: Volume, mask: Volume, *, method: str = "mean_shift",
     df = pd.DataFrame({
         "seriesuid": vol.scan_id,
         "coordX": centres[:, 2], "coordY": centres[:, 1], "coordZ": centres[:, 0],
-        "diameter_mm": [r[1] for r in rows], "score": [r[2] for r in rows],
+        "diameter_mm": [r[1] for r in rows],
+        "finding": ["mass" if r[1] > MASS_DIAMETER_MM else "nodule" for r in rows],
+        "score": [r[2] for r in rows],
         "volume_mm3": [r[3] for r in rows], "mean_hu": [r[4] for r in rows],
         "shape_index": [r[5] for r in rows], "sphericity": [r[6] for r in rows],
         "dist_to_pleura_mm": [_dist_to_pleura(lung, spacing, c, PLEURA_SEARCH_MM)
                               for c in centre_idx],
         "n_voxels": np.array([r[7] for r in rows], np.int64),
+        "mass_id": np.array(mass_of, np.int64),
     })
     return df

@@ -12,6 +12,12 @@ gives several detector marks; the 32 mm cubes around them all hold the nodule, s
 score high, and every one outside the nodule's radius is a false positive in LUNA16's FROC.
 Demoted rather than dropped, the marks still count for the detector's recall, and a nodule
 whose only mark sat next to a more probable false positive is found at low thresholds.
+
+A mass (``finding == "mass"``, over 30 mm) does not fit the 32 mm cube, so its cube is
+sampled coarser: the same number of samples, spaced so that the mass spans
+``MASS_SPAN_SAMPLES`` of them (an 88 mm mass: 3.7 mm samples).  The net sees the whole
+lesion with some context, at the size of the nodules it learnt from, and ranks it with
+them by one probability.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ DEMOTE = 0.01
 #: Candidates, best first by the CNN's first pass, that get test-time augmentation
 #: (LUNA16's FROC reads a scan's 100 most probable marks).
 TTA_TOP = 100
+#: A mass's cube is sampled so that its diameter spans this many of the cube's samples.
+MASS_SPAN_SAMPLES = 24.0
 
 
 def merge_nearby(candidates: pd.DataFrame, merge_mm: float = MERGE_MM, *,
@@ -109,6 +117,23 @@ def merge_nearby(candidates: pd.DataFrame, merge_mm: float = MERGE_MM, *,
         return order[keep].reset_index(drop=True)
     order[by] = np.where(keep, order[by].to_numpy(float), order[by].to_numpy(float) * demote)
     return order.sort_values(by, ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _one_finding_per_mass(out: pd.DataFrame) -> pd.DataFrame:
+    """A mass takes the best probability of the marks inside it (its members, same
+    ``mass_id``), which are then dropped: one lesion, one finding, scored by its best view
+    (the coarse cube of the whole mass, or a 32 mm cube on part of it)."""
+    ids = out["mass_id"].to_numpy()
+    if not (ids > 0).any():
+        return out
+    is_mass = (out["finding"] == "mass").to_numpy() if "finding" in out.columns else np.zeros(len(out), bool)
+    prob = out["probability"].to_numpy().copy()
+    best = pd.Series(prob).groupby(ids).max()
+    for k in np.unique(ids[is_mass & (ids > 0)]):
+        prob[is_mass & (ids == k)] = best[k]
+    out = out.assign(probability=prob)
+    member = (ids > 0) & ~is_mass & np.isin(ids, ids[is_mass])
+    return out[~member]
 
 
 @lru_cache(maxsize=4)
@@ -190,8 +215,14 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
         out["tta"] = pd.Series(dtype=bool)
         return out
     pre = model.preprocessing
-    cubes = extract_patches(ct, centres_xyz_mm=out[["coordX", "coordY", "coordZ"]].to_numpy(float),
-                            size_mm=pre["size_mm"], spacing_mm=pre["spacing_mm"])
+    centres = out[["coordX", "coordY", "coordZ"]].to_numpy(float)
+    cubes = extract_patches(ct, centres_xyz_mm=centres, size_mm=pre["size_mm"], spacing_mm=pre["spacing_mm"])
+    if "finding" in out.columns:  # masses: the whole lesion, in coarser samples
+        n_side = cubes.shape[1]
+        for i in np.flatnonzero((out["finding"] == "mass").to_numpy()):
+            step = max(float(pre["spacing_mm"]), float(out["diameter_mm"].iloc[i]) / MASS_SPAN_SAMPLES)
+            cubes[i] = extract_patches(ct, centres_xyz_mm=centres[i:i + 1], size_mm=n_side * step,
+                                       spacing_mm=step)[0]
     x = torch.from_numpy(normalize_hu(cubes, tuple(pre["clip_hu"])))
     n_top = len(x) if tta_top is None else min(int(tta_top), len(x))
     n_more = (tta - 1) if tta > 1 else 0
@@ -216,5 +247,7 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
     out.insert(where + 1, "tta", augmented)
     if max_candidates is not None:
         out = out.iloc[np.sort(rank[:max_candidates])]
+    if "mass_id" in out.columns:
+        out = _one_finding_per_mass(out)
     out = out.sort_values(["probability", "score"], ascending=False, kind="stable").reset_index(drop=True)
     return merge_nearby(out, merge_mm) if merge_mm != 0 else out

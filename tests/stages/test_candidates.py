@@ -242,3 +242,31 @@ def test_wall_pass_adds_a_centred_mark_for_a_juxta_pleural_nodule():
         find_candidates(vol, mask, device="cpu", wall_pass_hu=float("nan"))
     with pytest.raises(ValueError, match="wall_dedupe_mm"):
         find_candidates(vol, mask, device="cpu", wall_pass_hu=-320.0, wall_dedupe_mm=-1.0)
+
+
+def test_a_mass_is_one_finding_and_nothing_inside_it_is_marked():
+    shape = (90, 100, 100)
+    z, y, x = np.indices(shape, dtype=np.float64)
+    arr = np.full(shape, -850, np.int16)
+    mass = (z - 45) ** 2 + ((y - 50) / 0.9) ** 2 + (x - 45) ** 2 <= 25 ** 2  # about 48 mm
+    arr[mass] = 35
+    arr[(y - 20) ** 2 + (z - 45) ** 2 <= 4] = 40  # a vessel, thin: never part of a mass
+    arr[(z - 20) ** 2 + (y - 80) ** 2 + (x - 80) ** 2 <= 16] = 30  # an 8 mm nodule
+    vol = Volume(arr, spacing_mm=(1, 1, 1), scan_id="mass")
+    cands = find_candidates(vol, vol.with_array(np.ones(shape, np.uint8)), device="cpu")
+    masses = cands[cands["finding"] == "mass"]
+    assert len(masses) == 1
+    m = masses.iloc[0]
+    assert m["diameter_mm"] == pytest.approx((6 * mass.sum() / np.pi) ** (1 / 3), rel=0.05)
+    assert np.allclose(m[["coordX", "coordY", "coordZ"]].to_numpy(float), (45, 50, 45), atol=1.0)
+    # every mark inside the mass carries its mass_id (classify folds them into it); none outside
+    idx = np.rint(cands[["coordZ", "coordY", "coordX"]].to_numpy(float)).astype(int)
+    inside = mass[tuple(idx.T)]
+    assert (cands.loc[inside, "mass_id"] == 1).all() and (cands.loc[~inside, "mass_id"] == 0).all()
+    assert cands.loc[inside, "finding"].tolist().count("mass") == 1
+    nod = np.linalg.norm(cands[["coordX", "coordY", "coordZ"]].to_numpy(float) - (80, 80, 20), axis=1)
+    assert nod.min() < 2 and cands.loc[nod.argmin(), "finding"] == "nodule"
+    # without the mass pass, a lesion over 30 mm is not found at all
+    off = find_candidates(vol, vol.with_array(np.ones(shape, np.uint8)), device="cpu", mass_hu=None)
+    centred = np.linalg.norm(off[["coordX", "coordY", "coordZ"]].to_numpy(float) - (45, 50, 45), axis=1)
+    assert (off["finding"] == "nodule").all() and not (centred < 5).any()

@@ -126,3 +126,39 @@ def test_cascade_flips_only_the_first_pass_best_and_cuts_by_it(tmp_path, ct):
     assert sorted(cut["score"]) == sorted(cands["score"].to_numpy()[np.argsort(-one)[:2]])
     with pytest.raises(ValueError, match="max_candidates"):
         classify_candidates(ct, cands, weights=weights, device="cpu", max_candidates=0)
+
+
+def test_a_mass_is_seen_whole_in_a_coarser_cube(tmp_path, ct):
+    torch.manual_seed(0)
+    model = NoduleNet3D(widths=(4, 8))
+    weights = save_classifier(model, tmp_path / "w.pt", size_mm=16.0)
+    cands = _cands(ct)
+    cands["finding"] = ["mass", "nodule", "nodule"]
+    cands.loc[0, "diameter_mm"] = 48.0  # spans 24 samples of 2 mm: the cube is 32 mm at 2 mm
+    out = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, merge_mm=0)
+    model.eval()
+    xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy()
+    coarse = extract_patches(ct, centres_xyz_mm=xyz[:1], size_mm=32.0, spacing_mm=2.0)
+    fine = extract_patches(ct, centres_xyz_mm=xyz[1:], size_mm=16.0)
+    expect = predict_tta(model, torch.from_numpy(normalize_hu(np.concatenate([coarse, fine]))), n=1).numpy()
+    got = out.set_index("score").loc[cands["score"], "probability"].to_numpy()
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+    as_nodule = classify_candidates(ct, cands.assign(finding="nodule"), weights=weights, device="cpu", tta=1,
+                                    merge_mm=0)
+    assert as_nodule.set_index("score").loc[0.9, "probability"] != pytest.approx(got[0], abs=1e-6)
+
+
+def test_a_mass_takes_the_best_probability_of_the_marks_inside_it(tmp_path, ct):
+    torch.manual_seed(0)
+    weights = save_classifier(NoduleNet3D(widths=(4, 8)), tmp_path / "w.pt", size_mm=16.0)
+    cands = _cands(ct)
+    cands["finding"] = ["nodule", "mass", "nodule"]
+    cands["mass_id"] = [1, 1, 0]  # the first mark lies inside the mass of the second row
+    cands.loc[1, "diameter_mm"] = 40.0
+    plain = classify_candidates(ct, cands.drop(columns="mass_id"), weights=weights, device="cpu", tta=1,
+                                merge_mm=0).set_index("score")["probability"]
+    out = classify_candidates(ct, cands, weights=weights, device="cpu", tta=1, merge_mm=0)
+    assert sorted(out["score"]) == [0.1, 0.5]  # the member is folded into its mass
+    got = out.set_index("score")["probability"]
+    assert got[0.5] == pytest.approx(max(plain[0.9], plain[0.5]))
+    assert got[0.1] == pytest.approx(plain[0.1])

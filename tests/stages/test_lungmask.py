@@ -211,3 +211,84 @@ def test_bad_input():
         segment_lungs(vol, second_lung_ratio=2)
     with pytest.raises(TypeError, match="numbers"):
         segment_lungs(Volume(np.zeros((4, 4, 4), bool), spacing_mm=(1, 1, 1)))
+
+
+@pytest.fixture(scope="module")
+def phantom_1mm():
+    """A synthetic chest at 1 mm that the lesion net never trained on (it saw seeds 11-13)."""
+    from stages.resample import resample
+    from synth.phantom import make_phantom
+
+    vol, _, truth = make_phantom((130, 200, 200), (1.5, 1.5, 1.5), seed=3, n_nodules=0, return_truth=True)
+    ct = resample(vol)
+    from stages.resample import resample_like
+
+    lungs = resample_like(vol.with_array(truth["lung_mask"]), ct, order=0).array
+    return ct, lungs
+
+
+def _mass_case(phantom_1mm, site, diameter_mm, seed):
+    from stages.lungmask import _slab_hulls
+    from synth.masses import insert_mass
+
+    ct, _ = phantom_1mm
+    with_mass, mass = insert_mass(ct, segment_lungs(ct, lesions=None), diameter_mm=diameter_mm,
+                                  site=site, seed=seed)
+    classical = segment_lungs(with_mass, lesions=None).array
+    kept = segment_lungs(with_mass).array
+    envelope = _slab_hulls(classical, np.ones(ct.shape, bool), 3)  # where the mass fills the lung
+    return mass, classical, kept, envelope
+
+
+def test_a_50mm_mass_against_the_chest_wall_is_kept(phantom_1mm):
+    """The classical mask keeps 6% of it; the lesion step keeps what fills the lung (the part
+    inside the lung's envelope) and leaves the heart and mediastinum out."""
+    mass, classical, kept, envelope = _mass_case(phantom_1mm, "wall", 50.0, 1)
+    assert (classical[mass] > 0).mean() < 0.2
+    assert (kept[mass & envelope] > 0).mean() >= 0.85
+    extra = (kept > 0) & (classical == 0) & ~mass
+    assert extra.sum() < 0.1 * mass.sum()
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (#17): the shipped lesion net does not yet keep a "
+                   "synthetic hilar mass (it keeps 1% of the part the classical mask misses)")
+def test_a_40mm_hilar_mass_is_kept(phantom_1mm):
+    mass, classical, kept, envelope = _mass_case(phantom_1mm, "hilar", 40.0, 4)
+    assert (kept[mass & envelope] > 0).mean() >= 0.85
+
+
+def test_the_lesion_step_leaves_a_lung_without_lesions_alone(phantom_1mm):
+    ct, truth = phantom_1mm
+    classical = segment_lungs(ct, lesions=None).array
+    net = segment_lungs(ct).array
+
+    def dice(lab):
+        return 2 * np.sum((lab > 0) & (truth > 0)) / (np.sum(lab > 0) + np.sum(truth > 0))
+
+    assert dice(net) >= dice(classical) - 0.002
+    assert np.sum((net > 0) & (classical == 0)) < 5000  # mL: 5
+
+
+def test_lesion_weights_missing_or_off(tmp_path):
+    vol = _chest()
+    with pytest.raises(FileNotFoundError, match=r"nothing\.pt: lesion net weights not found"):
+        segment_lungs(vol, lesions=str(tmp_path / "nothing.pt"))
+    assert np.array_equal(segment_lungs(vol, lesions=None).array, segment_lungs(vol, lesions=None).array)
+
+
+def test_real_tumours_stay_inside_the_mask(pycerr):
+    """pycerr's four tumours (88, 23, 28 and 62 mm; wall, central, hilar, paravertebral).  The
+    shipped net trained on these scans (its model card gives the leave-one-patient-out
+    numbers); this holds the shipped mask to what it reaches there (classical mask: 0.13,
+    0.65, 0.03, 0.09; issue #17 asks 0.95 for each)."""
+    floor = {"pat_1": 0.94, "pat_2": 0.79, "pat_3": 0.80, "pat_4": 0.95}
+    from stages.contours import read_rtstruct
+    from stages.ingest import read_scan
+    from stages.resample import resample, resample_like
+
+    for name, folder in pycerr.items():
+        ct = read_scan(folder)
+        (rs,) = sorted(folder.glob("DCM_RS_*.dcm"))
+        ct1 = resample(ct)
+        gtv = resample_like(read_rtstruct(rs, ct, names=["GTV-1"])["GTV-1"], ct1, order=0).array > 0
+        assert (segment_lungs(ct1).array[gtv] > 0).mean() >= floor[name], name
