@@ -38,10 +38,21 @@ class Step:
     uses_device: bool = False  # fn takes the run's device= (chosen once by pipeline.run)
 
 
+#: Fewest slices a scan needs to be screened: one or two images are no chest CT series (a
+#: single DICOM image read alone gave an empty lung mask and 0 candidates, as if all was well).
+MIN_SLICES = 3
+
+
 def _ingest(path, **settings):
+    from stages.errors import ScanError
     from stages.ingest import read_scan
 
-    return {"ct": read_scan(path, **settings)}
+    ct = read_scan(path, **settings)
+    if ct.shape[0] < MIN_SLICES:
+        raise ScanError(path, f"only {ct.shape[0]} slice{'s' if ct.shape[0] > 1 else ''} "
+                              f"({ct.shape[0] * ct.spacing_mm[0]:.1f} mm): too short to hold a lung "
+                              f"(the screen needs a series of at least {MIN_SLICES} slices)")
+    return {"ct": ct}
 
 
 def _resample(ct, *, device, spacing_mm=(1.0, 1.0, 1.0), **settings):

@@ -337,6 +337,35 @@ def _slices_of_file(path: Path, max_voxels: int) -> list[_Slice]:
         raise _Skip(f"damaged or truncated DICOM header ({_first_line(exc)})") from None
 
 
+def _dcmread(path: Path, **kw):
+    """``pydicom.dcmread``, also for files without the 128-byte preamble and ``DICM`` prefix
+    (older archives, ACR-NEMA-style exports): such a file is read as a bare data set and kept
+    when it holds an image's identity (SOP Class UID or Modality) and size (Rows, Columns);
+    its transfer syntax is the encoding pydicom detected (implicit or explicit VR, little
+    endian).  Anything else is still "not a DICOM file"."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        return pydicom.dcmread(path, **kw)
+    except InvalidDicomError:
+        try:
+            ds = pydicom.dcmread(path, force=True, **kw)
+            looks_like_image = (("SOPClassUID" in ds or "Modality" in ds)
+                                and "Rows" in ds and "Columns" in ds)
+        except Exception:  # noqa: BLE001 - junk read by force fails in many ways
+            looks_like_image = False
+        if not looks_like_image:
+            raise InvalidDicomError(f"{path}: no DICOM preamble and no image data set") from None
+        implicit, little = ds.original_encoding
+        if not little:
+            raise InvalidDicomError(f"{path}: a bare big-endian data set") from None
+        if "TransferSyntaxUID" not in ds.file_meta:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        return ds
+
+
 def _parse_header(path: Path, max_voxels: int) -> list[_Slice]:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -344,7 +373,7 @@ def _parse_header(path: Path, max_voxels: int) -> list[_Slice]:
     try:
         if path.stat().st_size == 0:
             raise _Skip("zero-byte file")
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = _dcmread(path, stop_before_pixels=True)
     except _Skip:
         raise
     except InvalidDicomError:
@@ -434,13 +463,17 @@ class _PixelReader:
         if sl.frame is not None and self._path == sl.path:
             return self._frames[sl.frame]
         try:
-            ds = pydicom.dcmread(sl.path)
+            ds = _dcmread(sl.path)
         except Exception as exc:
             raise _Skip(f"unreadable file ({_first_line(exc)})") from None
         if "PixelData" not in ds:
             raise _Skip("truncated file or no pixel data: no (7FE0,0010) Pixel Data")
         n_frames = int(_number(ds.get("NumberOfFrames"), 1) or 1)
-        if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if syntax is None or not syntax.is_transfer_syntax:
+            raise _Skip(f"unknown transfer syntax {syntax or '(none given)'}: the pixel data's "
+                        "encoding is not one DICOM defines, so it cannot be decoded")
+        if not syntax.is_compressed:
             expected = sl.rows * sl.cols * n_frames * int(ds.BitsAllocated) // 8
             if len(ds.PixelData) < expected:
                 raise _Skip(f"truncated file: pixel data has {len(ds.PixelData)} of {expected} bytes")

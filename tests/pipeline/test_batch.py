@@ -69,6 +69,10 @@ def _broken_scans(root: Path) -> None:
     junk = root / "broken_junk"
     junk.mkdir()
     (junk / "scan.dcm").write_bytes(b"\x00garbage, not a DICOM file" * 10)
+    # 6. a single CT image: no series to screen
+    one = root / "broken_one_slice"
+    one.mkdir()
+    shutil.copy(pydicom_test_file("CT_small.dcm"), one / "ct.dcm")
 
 
 def test_dsb_tree_with_broken_scans_runs_to_the_end(tmp_path):
@@ -80,16 +84,19 @@ def test_dsb_tree_with_broken_scans_runs_to_the_end(tmp_path):
                    "--no-progress", "--pictures", "0"])
     assert status == 1  # some failed
     errors = pd.read_csv(out / "errors.csv")
-    assert len(errors) == 5, errors
+    assert len(errors) == 6, errors
     assert sorted(Path(p).name for p in errors["path"]) == [
-        "broken_absurd", "broken_junk", "broken_no_ct", "broken_rtstruct", "broken_truncated"]
+        "broken_absurd", "broken_junk", "broken_no_ct", "broken_one_slice", "broken_rtstruct",
+        "broken_truncated"]
+    one = errors[errors["path"].str.endswith("broken_one_slice")]["error"].iloc[0]
+    assert one.startswith("only 1 slice (5.0 mm): too short to hold a lung"), one
     assert all("\n" not in e and e for e in errors["error"])
     done = [d for d in out.iterdir() if (d / "scan.json").exists()]
     assert len(done) == 20
     cands = pd.read_csv(out / "candidates.csv", dtype={"seriesuid": str})
     assert cands["seriesuid"].nunique() == 20
     html = (out / "report.html").read_text()
-    assert "20 scans done, 5 failed" in html
+    assert "20 scans done, 6 failed" in html
     for d in done:
         for name in ("lung_mask.nrrd", "candidates.csv", "preview.png", "scan.h5"):
             assert (d / name).exists(), (d, name)

@@ -429,3 +429,41 @@ def test_nrrd_that_is_not_a_volume(tmp_path):
     (tmp_path / "junk.nrrd").write_text("this is not nrrd\n")
     with pytest.raises(ScanError, match=r"junk\.nrrd: unreadable nrrd file"):
         read_scan(tmp_path / "junk.nrrd")
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr", "explicit-vr"])
+def test_files_without_preamble_are_read(tmp_path, rng, implicit):
+    """Older archives hold bare data sets: no 128-byte preamble, no 'DICM', no file meta."""
+    from pydicom.dataset import FileMetaDataset
+
+    vol = _volume(rng)
+    files = write_dicom_series(vol, tmp_path / "full", series_uid="1.2.826.0.1.3680043.2.1125.77")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.preamble, ds.file_meta = None, FileMetaDataset()
+        ds.save_as(bare / f.name, enforce_file_format=False, implicit_vr=implicit, little_endian=True)
+        assert (bare / f.name).read_bytes()[128:132] != b"DICM"
+    got, expected = read_scan(bare), read_scan(tmp_path / "full")
+    assert np.array_equal(got.array, expected.array) and _same_world(got, expected)
+    assert got.scan_id == expected.scan_id and got.meta["skipped"] == []
+    # junk without a preamble is still refused, with the reason
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.dcm").write_bytes(b"\x08\x00\x05\x00" + bytes(range(200)))
+    with pytest.raises(ScanError, match="not a DICOM file"):
+        read_scan(tmp_path / "junk")
+
+
+def test_unknown_transfer_syntax_is_named_in_our_words(tmp_path, rng):
+    vol = _volume(rng)
+    files = write_dicom_series(vol, tmp_path)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.2.1125.999"  # a private syntax
+        ds.save_as(f)
+    with pytest.raises(ScanError) as info:
+        read_scan(tmp_path)
+    msg = str(info.value)
+    assert "unknown transfer syntax 1.2.826.0.1.3680043.2.1125.999" in msg
+    assert "UID is not a transfer syntax" not in msg and "\n" not in msg
