@@ -28,8 +28,6 @@ from pipeline.progress import DEFAULT_MODE, Reporter
 from pipeline.run import PICTURES, ScanResult, process_scan
 from stages.errors import ScanError
 
-log = logging.getLogger(__name__)
-
 __all__ = ["discover_scans", "run_many", "IMAGE_SUFFIXES"]
 
 #: File types read by SimpleITK, one scan per file.
@@ -207,9 +205,8 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
 
     def collect(res: ScanResult):
         results.append(res)
-        reporter.scan_done(res, len(results), len(args))
-        if res.status == "failed":
-            log.warning("%s: %s", res.source, res.error)
+        reporter.scan_done(res, len(results), len(args))  # a failure's reason: errors.csv and
+        # the command's summary (pipeline.__main__), once each
 
     if executor == "dask":
         from distributed import Client, as_completed

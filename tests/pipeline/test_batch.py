@@ -194,6 +194,18 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert "unknown stage 'nosuchstage'" in capsys.readouterr().err
 
 
+def test_a_failure_is_reported_once_on_the_console(tmp_path, capfd):
+    junk = tmp_path / "scans" / "junk"
+    junk.mkdir(parents=True)
+    (junk / "a.dcm").write_bytes(b"garbage, not a DICOM file " * 20)
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "scans"), "--out", str(out), "--no-progress", "--pictures", "0"]) == 1
+    console = capfd.readouterr()
+    reason = "no CT image series found (a.dcm: not a DICOM file)"
+    assert (console.out + console.err).count(reason) == 1, console
+    assert pd.read_csv(out / "errors.csv")["error"].tolist() == [reason]
+
+
 def test_no_patient_identifiers_in_any_output(tmp_path, caplog):
     """Patient name, ID, birth date and accession number never reach outputs, logs or names."""
     import logging
