@@ -531,10 +531,15 @@ def _read_dicom(path: Path, files: list[Path], series_uid: str | None, max_voxel
                 series[sl.series_uid].append(sl)
         except _Skip as why:
             skip(f, str(why), fatal=True)
+    mixed_sizes: dict[str, str] = {}
     for uid in list(series):
         by_key = Counter(sl.orientation_key for sl in series[uid])
         if len(by_key) > 1:
             main = by_key.most_common(1)[0][0]
+            sizes = Counter((sl.rows, sl.cols) for sl in series[uid] if sl.orientation_key[:6] == main[:6])
+            if len(sizes) > 1:  # same orientation, another matrix: part of the anatomy, not a scout
+                mixed_sizes[uid] = ", ".join(f"{n} slice{'s' * (n > 1)} of {c}x{r}"
+                                             for (r, c), n in sizes.most_common())
             for sl in series[uid]:
                 if sl.orientation_key != main:
                     skip(sl.path, "orientation or image size differs from the rest of its series")
@@ -548,6 +553,9 @@ def _read_dicom(path: Path, files: list[Path], series_uid: str | None, max_voxel
         raise ScanError(path, f"no CT image series found ({detail or 'empty folder'})")
 
     uid = _choose_series(path, series, series_uid)
+    if uid in mixed_sizes:
+        raise ScanError(path, f"series {uid} mixes image sizes ({mixed_sizes[uid]}): its slices "
+                              "cannot be stacked into one volume, and dropping some would lose anatomy")
     slices = series[uid]
     ref = slices[0]
     other = {}

@@ -467,3 +467,18 @@ def test_unknown_transfer_syntax_is_named_in_our_words(tmp_path, rng):
     msg = str(info.value)
     assert "unknown transfer syntax 1.2.826.0.1.3680043.2.1125.999" in msg
     assert "UID is not a transfer syntax" not in msg and "\n" not in msg
+
+
+def test_a_series_mixing_image_sizes_is_refused(tmp_path, rng):
+    vol = _volume(rng)
+    paths = write_dicom_series(vol, tmp_path, shuffle_names=False, series_uid="1.2.826.0.1.3680043.2.1125.5")
+    for p in paths[2:4]:  # two slices stored at half the matrix (same orientation)
+        ds = pydicom.dcmread(p)
+        small = np.ascontiguousarray(ds.pixel_array[::2, ::2])
+        ds.Rows, ds.Columns = small.shape
+        ds.PixelData = small.tobytes()
+        ds.save_as(p)
+    rows, cols = vol.shape[1:]
+    with pytest.raises(ScanError, match=rf"series 1\.2\.826\.0\.1\.3680043\.2\.1125\.5 mixes image sizes "
+                                        rf"\(4 slices of {cols}x{rows}, 2 slices of {cols // 2}x{rows // 2}\)"):
+        read_scan(tmp_path)
