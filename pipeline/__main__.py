@@ -25,6 +25,7 @@ import importlib.metadata
 import logging
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -109,12 +110,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status of a run stopped by Ctrl-C or SIGTERM (the shell's 128 + SIGINT).
+INTERRUPTED = 130
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Screen the scans the parsed ``run`` options name; print one line per failed scan.
 
+    Ctrl-C or SIGTERM stops the run cleanly: the finished scans and the run's CSVs for them
+    are kept, one line says so, and the exit status is :data:`INTERRUPTED` (130).
+
     The config is read (and every key checked) before any scan is looked for.
 
-    ``args`` come from :func:`add_arguments`; returns the exit status: 0 all scans done, 1 some failed, 2 bad usage, config or input.
+    ``args`` come from :func:`add_arguments`; returns the exit status: 0 all scans done, 1 some
+    failed, 2 bad usage, config or input, 130 interrupted.
     """
     from pipeline.batch import discover_scans, run_many
     from pipeline.config import load_config
@@ -142,9 +155,18 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"error: {source}: no scans found", file=sys.stderr)
         return 2
     progress = "quiet" if args.quiet else "log" if args.no_progress else DEFAULT_MODE
-    results = run_many(scans, args.out, config, workers=args.workers, force=args.force,
-                       executor=args.executor, scheduler=args.scheduler, pictures=args.pictures,
-                       progress=progress, cache=args.cache, save_ct=args.save_ct, device=args.device)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a batch job's kill: as Ctrl-C
+    try:
+        results = run_many(scans, args.out, config, workers=args.workers, force=args.force,
+                           executor=args.executor, scheduler=args.scheduler, pictures=args.pictures,
+                           progress=progress, cache=args.cache, save_ct=args.save_ct, device=args.device)
+    except KeyboardInterrupt as exc:
+        finished = len(getattr(exc, "results", []))
+        print(f"\ninterrupted: {finished} of {len(scans)} scan(s) finished, kept in {args.out}; "
+              "the same command again resumes", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.source}: {r.error}", file=sys.stderr)

@@ -8,11 +8,13 @@ outputs at the end, sorted, so a resumed run writes byte-identical CSVs.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import multiprocessing
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -28,7 +30,16 @@ from pipeline.progress import DEFAULT_MODE, Reporter
 from pipeline.run import PICTURES, ScanResult, process_scan
 from stages.errors import ScanError
 
-__all__ = ["discover_scans", "run_many", "IMAGE_SUFFIXES"]
+__all__ = ["discover_scans", "run_many", "IMAGE_SUFFIXES", "Interrupted"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A batch stopped by Ctrl-C (or SIGTERM, which the CLI turns into one): ``results`` holds
+    the scans that finished; their outputs and the run's CSVs for them are written."""
+
+    def __init__(self, results):
+        super().__init__()
+        self.results = results
 
 #: File types read by SimpleITK, one scan per file.
 IMAGE_SUFFIXES = (".mhd", ".mha", ".nrrd", ".nii", ".nii.gz")
@@ -131,18 +142,31 @@ def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DE
 
 
 def _start_worker(torch_threads: int) -> None:
-    """Pool initializer: the worker's torch threads, set once (workers share the cores)."""
+    """Pool initializer: the worker's torch threads, set once (workers share the cores); Ctrl-C
+    is left to the parent, which stops the workers (no traceback from each of them)."""
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(torch_threads)
 
 
-def _pool(workers: int) -> cf.ProcessPoolExecutor:
+@contextlib.contextmanager
+def _pool(workers: int):
     """``workers`` spawned processes (no fork after torch/OpenMP start), each with its share
-    of the CPU cores as torch threads."""
+    of the CPU cores as torch threads.  Left by an exception (Ctrl-C), the workers are stopped
+    at once and nothing queued starts; every file a worker writes is written atomically, so a
+    scan stopped half-way leaves nothing under a final name."""
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=_start_worker, initargs=(threads,))
+    try:
+        yield pool
+    except BaseException:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def first_gpu_stage(config: dict, device=None) -> str | None:
@@ -208,6 +232,25 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
         reporter.scan_done(res, len(results), len(args))  # a failure's reason: errors.csv and
         # the command's summary (pipeline.__main__), once each
 
+    try:
+        _execute(args, options, config, executor, scheduler, workers, gpu_from, device,
+                 collect, reporter, worker_reporter)
+    except KeyboardInterrupt:
+        reporter.close()
+        results.sort(key=lambda r: r.source)
+        write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
+                        executor=executor, cache=cache, interrupted=True)
+        raise Interrupted(results) from None
+    reporter.close()
+    results.sort(key=lambda r: r.source)
+    write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
+                    executor=executor, cache=cache)
+    return results
+
+
+def _execute(args, options, config, executor, scheduler, workers, gpu_from, device, collect,
+             reporter, worker_reporter) -> None:
+    """Screen every scan of ``args`` (run_many's loop), handing each result to ``collect``."""
     if executor == "dask":
         from distributed import Client, as_completed
 
@@ -249,11 +292,6 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
     else:
         for a in args:
             collect(_one(*a, **options, reporter=reporter))
-    reporter.close()
-    results.sort(key=lambda r: r.source)
-    write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
-                    executor=executor, cache=cache)
-    return results
 
 
 def write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **run_info) -> None:

@@ -1,4 +1,5 @@
 """Batch runs (issue 7): DSB-layout trees with broken scans, kill -9 and resume, Dask."""
+import json
 import os
 import random
 import shutil
@@ -192,6 +193,37 @@ def test_cli_usage_errors(tmp_path, capsys):
     bad.write_text("stages: [ingest, nosuchstage]\n")
     assert main(["run", str(tmp_path), "--config", str(bad)]) == 2
     assert "unknown stage 'nosuchstage'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "2")],
+                         ids=["ctrl-c", "sigterm-pool"])
+def test_an_interrupted_batch_ends_cleanly_and_resumes(tmp_path, sig, workers):
+    tree = tmp_path / "dsb"
+    _phantom_tree(tree, 6, seed0=60)
+    config = str(_config(tmp_path))
+    out = tmp_path / "out"
+    args = ["run", str(tree), "--out", str(out), "--config", config, "--pictures", "0", "--workers", workers]
+    log = tmp_path / "run.log"
+    with open(log, "w") as err:
+        proc = _cli(args, stderr=err)
+        deadline = time.monotonic() + 300
+        while not list(out.glob("*/scan.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == 130
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert "interrupted:" in text and "the same command again resumes" in text
+    finished = {d.name for d in out.iterdir() if (d / "scan.json").exists()}
+    assert 1 <= len(finished) < 6
+    assert json.loads((out / "run.json").read_text())["interrupted"] is True
+    assert set(pd.read_csv(out / "candidates.csv", dtype={"seriesuid": str})["seriesuid"]) <= finished
+    assert not list(out.rglob(".*.part*"))  # nothing half-written under any name
+    # the next run resumes: the finished scans are not screened again
+    assert _cli(args).wait() == 0
+    scans = json.loads((out / "run.json").read_text())["scans"]
+    assert len(scans) == 6 and sum(s["status"] == "cached" for s in scans) >= len(finished)
 
 
 def test_a_failure_is_reported_once_on_the_console(tmp_path, capfd):
