@@ -112,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 #: Exit status of a run stopped by Ctrl-C or SIGTERM (the shell's 128 + SIGINT).
 INTERRUPTED = 130
+#: Exit status of a run stopped because its output folder is full (or read-only).
+OUTPUT_FULL = 3
 
 
 def _terminate(signum, frame):
@@ -127,9 +129,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     The config is read (and every key checked) before any scan is looked for.
 
     ``args`` come from :func:`add_arguments`; returns the exit status: 0 all scans done, 1 some
-    failed, 2 bad usage, config or input, 130 interrupted.
+    failed, 2 bad usage, config or input, 3 the output folder is full or read-only (the run
+    stops; a rerun resumes), 130 interrupted.
     """
-    from pipeline.batch import discover_scans, run_many
+    from pipeline.batch import OutputFull, discover_scans, run_many
     from pipeline.config import load_config
     from pipeline.progress import DEFAULT_MODE
     from stages.device import pick_device
@@ -165,6 +168,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: {finished} of {len(scans)} scan(s) finished, kept in {args.out}; "
               "the same command again resumes", file=sys.stderr)
         return INTERRUPTED
+    except OutputFull as exc:
+        finished = sum(r.status != "failed" for r in exc.results)
+        print(f"\nerror: {exc.out_dir}: {exc.reason}; stopped after {finished} of {len(scans)} "
+              "scan(s), whose outputs are complete; make room and run the same command again to "
+              "resume", file=sys.stderr)
+        return OUTPUT_FULL
     finally:
         signal.signal(signal.SIGTERM, previous)
     failed = [r for r in results if r.status == "failed"]

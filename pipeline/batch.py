@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -30,7 +31,34 @@ from pipeline.progress import DEFAULT_MODE, Reporter
 from pipeline.run import PICTURES, ScanResult, process_scan
 from stages.errors import ScanError
 
-__all__ = ["discover_scans", "run_many", "IMAGE_SUFFIXES", "Interrupted"]
+__all__ = ["discover_scans", "run_many", "IMAGE_SUFFIXES", "Interrupted", "OutputFull"]
+
+
+class OutputFull(OSError):
+    """The output folder cannot take more (no space left, quota exceeded, read-only): the
+    batch stops, since every later scan would fail the same way.  ``results`` holds the scans
+    that finished; each of their files is complete (atomic writes)."""
+
+    def __init__(self, out_dir, reason: str, results=()):
+        super().__init__(f"{out_dir}: {reason}")
+        self.out_dir, self.reason, self.results = str(out_dir), reason, list(results)
+
+    def __reduce__(self):  # picklable across process pools
+        return (type(self), (self.out_dir, self.reason, self.results))
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _output_full(exc: BaseException) -> str | None:
+    """The reason when ``exc`` says the output's file system is full or read-only, else None
+    (HDF5 reports it in its message, not its errno)."""
+    if getattr(exc, "errno", None) in _FULL_ERRNOS:
+        return os.strerror(exc.errno).lower()
+    text = str(exc)
+    if "No space left on device" in text or "errno = 28" in text:
+        return "no space left on device"
+    return None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -133,6 +161,8 @@ def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DE
     except MemoryError:
         result = ScanResult(source=str(path), status="failed", error="out of memory")
     except Exception as exc:  # a bug or an unexpected file: record it, keep the run going
+        if (full := _output_full(exc)) is not None:  # ... unless the output can take no more
+            raise OutputFull(out_dir, full) from None
         where = traceback.extract_tb(exc.__traceback__)[-1]
         result = ScanResult(source=str(path), status="failed",
                             error=f"{type(exc).__name__}: {' '.join(str(exc).split())} "
@@ -241,10 +271,25 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
         write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
                         executor=executor, cache=cache, interrupted=True)
         raise Interrupted(results) from None
+    except OSError as exc:
+        full = exc.reason if isinstance(exc, OutputFull) else _output_full(exc)
+        if full is None:
+            raise
+        reporter.close()
+        results.sort(key=lambda r: r.source)
+        with contextlib.suppress(OSError):  # the run's CSVs for the finished scans, if they fit
+            write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
+                            executor=executor, cache=cache, stopped=full)
+        raise OutputFull(out_dir, full, results) from None
     reporter.close()
     results.sort(key=lambda r: r.source)
-    write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
-                    executor=executor, cache=cache)
+    try:
+        write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
+                        executor=executor, cache=cache)
+    except OSError as exc:
+        if (full := _output_full(exc)) is None:
+            raise
+        raise OutputFull(out_dir, full, results) from None
     return results
 
 

@@ -226,6 +226,45 @@ def test_an_interrupted_batch_ends_cleanly_and_resumes(tmp_path, sig, workers):
     assert len(scans) == 6 and sum(s["status"] == "cached" for s in scans) >= len(finished)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.2 MB tmpfs mounted at ``tmp_path / "out"`` (root and mount rights needed, else skip)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(out)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip() or mount.returncode}")
+    yield out
+    subprocess.run(["umount", "-l", str(out)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_batch_cleanly_and_a_rerun_resumes(tmp_path, small_disk):
+    tree = tmp_path / "dsb"
+    _phantom_tree(tree, 4, seed0=70)
+    args = ["run", str(tree), "--out", str(small_disk), "--config", str(_config(tmp_path)),
+            "--pictures", "1", "--no-progress"]
+    log = tmp_path / "run.log"
+    with open(log, "w") as err:
+        assert _cli(args, stderr=err).wait() == 3  # stopped: not a crash (it was a segfault)
+    text = log.read_text()
+    assert "Traceback" not in text and "HDF5" not in text, text
+    line = [t for t in text.splitlines() if t.startswith("error:")]
+    assert len(line) == 1 and line[0].startswith(f"error: {small_disk}: no space left on device; stopped after")
+    assert "run the same command again to resume" in line[0]
+    finished = [d for d in small_disk.iterdir() if (d / "scan.json").exists()]
+    assert 1 <= len(finished) < 4
+    assert not list(small_disk.rglob(".*.part*"))  # nothing half-written left, under any name
+    for d in finished:  # every file under a final name is whole
+        pd.read_csv(d / "candidates.csv")
+        json.loads((d / "scan.json").read_text())
+    # room again: the same command finishes the rest and recomputes nothing already done
+    subprocess.run(["mount", "-o", "remount,size=50m", str(small_disk)], check=True)
+    assert _cli(args).wait() == 0
+    scans = json.loads((small_disk / "run.json").read_text())["scans"]
+    assert len(scans) == 4 and sum(s["status"] == "cached" for s in scans) == len(finished)
+
+
 def test_a_failure_is_reported_once_on_the_console(tmp_path, capfd):
     junk = tmp_path / "scans" / "junk"
     junk.mkdir(parents=True)
