@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.io import write_json
+from bench import record
 
 __all__ = ["run"]
 
@@ -54,12 +54,9 @@ def run(out_dir="bench", *, scans: int = 6, workers: int = 2, big: bool = True) 
                              "peak_rss_mb": res[0].seconds.get("peak_rss_mb"),
                              "status": res[0].status, "error": res[0].error,
                              "stage_seconds": {k: v for k, v in res[0].seconds.items() if k != "peak_rss_mb"}}
-    path = Path(out_dir) / "batch.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
     import torch
 
-    old["cuda" if torch.cuda.is_available() else "cpu"] = result
-    write_json(old, path)
+    record(Path(out_dir) / "batch.json", "cuda" if torch.cuda.is_available() else "cpu", result)
     return result
 
 

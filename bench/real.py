@@ -16,12 +16,11 @@ seconds.  These scans are development data: the model card says which ones train
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from pipeline.io import write_json
+from bench import device_key, record
 
 __all__ = ["real_scans", "score_scan", "run"]
 
@@ -91,10 +90,7 @@ def run(out_dir="bench", *, threads: int = 2) -> dict:
         secs = time.perf_counter() - t0
         result["scans"][name] = {**score_scan(values, lesion_of(values["ct"])), "seconds": round(secs, 1)}
         print(f"  {result['scans'][name]}", flush=True)
-    path = Path(out_dir) / "real.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old[f"cpu-{threads}-threads" if not torch.cuda.is_available() else f"cuda-{torch.cuda.get_device_name(0)}"] = result
-    write_json(old, path)
+    record(Path(out_dir) / "real.json", device_key(threads), result)
     return result
 
 

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import device_key, record
 from pipeline.io import write_json
 
 __all__ = ["run"]
@@ -34,14 +35,6 @@ __all__ = ["run"]
 BIG = dict(shape_zyx=(300, 512, 512), spacing_mm=(1.0, 0.7, 0.7), n_nodules=6, seed=7)
 #: Development sets screened when present (never a test split).
 DEV_SETS = ("data/bench48/val", "data/bench96/val")
-
-
-def _device_key(threads: int) -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda-" + torch.cuda.get_device_name(0).replace(" ", "-")
-    return f"cpu-{threads}-threads"
 
 
 def _folder_mb(folder: Path) -> float:
@@ -161,10 +154,7 @@ def run(out_dir="bench", *, threads: int = 2, dev=DEV_SETS, big: bool = True) ->
             result["dev_sets"][str(folder)] = dev_set(folder, threads)
         else:
             result["dev_sets"][str(folder)] = "not present (make benchmark-data, see README)"
-    path = Path(out_dir) / "screen.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old[_device_key(threads)] = result
-    write_json(old, path)
+    record(Path(out_dir) / "screen.json", device_key(threads), result)
     return result
 
 

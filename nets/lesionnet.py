@@ -107,7 +107,7 @@ def predict_lesions(hu: np.ndarray, lung: np.ndarray, model: LesionNet, *, devic
     slice's answer; in-plane the 2 mm answer is repeated to 1 mm.
     """
     zs = np.arange(0, hu.shape[0], z_step)
-    out = np.zeros((len(zs),) + tuple(-(-s // 1) for s in hu.shape[1:]), np.float32)
+    out = np.zeros((len(zs),) + hu.shape[1:], np.float32)
     f = IN_PLANE_FACTOR
     h, w = hu.shape[1] // f, hu.shape[2] // f
     with torch.inference_mode():

@@ -61,7 +61,7 @@ from scipy.spatial import cKDTree
 
 from stages.features import (HU_FLOOR, SCALE_HU, SCALE_MM, SCALE_SI, SIGMA_MM,
                              extract_features)
-from stages.volume import AIR_HU, Volume
+from stages.volume import AIR_HU, Volume, block_mask, unblock
 
 log = logging.getLogger(__name__)
 
@@ -291,9 +291,7 @@ def _masses(vol: Volume, lung: np.ndarray, mass_hu: float, min_diameter_mm: floa
     if not dense.any():
         return [], None
     f = tuple(max(1, int(round(MASS_GRID_MM / s))) for s in spacing)
-    shape = tuple(-(-n // k) for n, k in zip(dense.shape, f))
-    pad = [(0, a * k - n) for a, k, n in zip(shape, f, dense.shape)]
-    coarse = np.pad(dense, pad).reshape(shape[0], f[0], shape[1], f[1], shape[2], f[2]).mean(axis=(1, 3, 5)) >= 0.5
+    coarse = block_mask(dense, f)
     sp = spacing * f
     core = ndi.distance_transform_edt(coarse, sampling=sp) > MASS_OPEN_MM
     if not core.any():
@@ -302,10 +300,7 @@ def _masses(vol: Volume, lung: np.ndarray, mass_hu: float, min_diameter_mm: floa
     pieces, n = ndi.label(opened & coarse)
     if n == 0:
         return [], None
-    up = pieces
-    for ax, k in enumerate(f):
-        up = np.repeat(up, k, axis=ax)
-    labels = np.where(dense, up[:dense.shape[0], :dense.shape[1], :dense.shape[2]], 0)
+    labels = np.where(dense, unblock(pieces, f, dense.shape), 0)
     counts = np.bincount(labels.ravel(), minlength=n + 1)
     voxel_mm3 = float(np.prod(spacing))
     rows, keep = [], np.zeros(n + 1, np.int32)

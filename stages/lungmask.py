@@ -49,7 +49,7 @@ import logging
 import numpy as np
 from scipy import ndimage as ndi
 
-from stages.volume import Volume, check_volume
+from stages.volume import Volume, block_mask, check_volume, unblock
 
 log = logging.getLogger(__name__)
 
@@ -162,17 +162,6 @@ def _per_slice_largest(labels: np.ndarray, n: int) -> np.ndarray:
     return keep
 
 
-def _down(mask: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
-    """Block-average a boolean mask by integer factors; a block is set when half is set."""
-    if f == (1, 1, 1):
-        return mask
-    pad = [(0, (-s) % k) for s, k in zip(mask.shape, f)]
-    m = np.pad(mask, pad).astype(np.float32)
-    z, y, x = m.shape
-    m = m.reshape(z // f[0], f[0], y // f[1], f[1], x // f[2], f[2]).mean(axis=(1, 3, 5))
-    return m >= 0.5
-
-
 def _bbox(mask: np.ndarray, pad) -> tuple[slice, slice, slice]:
     """Bounding box of a non-empty mask, grown by ``pad`` voxels per axis and clipped."""
     out = []
@@ -181,14 +170,6 @@ def _bbox(mask: np.ndarray, pad) -> tuple[slice, slice, slice]:
         hit = np.flatnonzero(mask.any(axis=other))
         out.append(slice(max(0, int(hit[0]) - p), min(mask.shape[ax], int(hit[-1]) + p + 1)))
     return tuple(out)
-
-
-def _up(mask: np.ndarray, f: tuple[int, int, int], shape) -> np.ndarray:
-    out = mask
-    for ax, k in enumerate(f):
-        if k > 1:
-            out = np.repeat(out, k, axis=ax)
-    return out[:shape[0], :shape[1], :shape[2]]
 
 
 def _find_airways(interior: np.ndarray, lab2: np.ndarray, n2: int, vol: Volume,
@@ -249,7 +230,7 @@ def _find_airways(interior: np.ndarray, lab2: np.ndarray, n2: int, vol: Volume,
 
 def _split_two(comp: np.ndarray, spacing_mm, f, max_erosion_mm: float, ratio: float):
     """Split one boolean component into two by erosion; return int8 labels 1/2 (0 elsewhere) or None."""
-    coarse = _down(comp, f)
+    coarse = block_mask(comp, f)
     if coarse.sum() == 0:
         return None
     sp = tuple(s * k for s, k in zip(spacing_mm, f))
@@ -269,7 +250,7 @@ def _split_two(comp: np.ndarray, spacing_mm, f, max_erosion_mm: float, ratio: fl
         seeds[cores == big[1] + 1] = 2
         _, idx = ndi.distance_transform_edt(seeds == 0, sampling=sp, return_indices=True)
         near = seeds[tuple(idx)]
-        out = _up(near, f, comp.shape)
+        out = unblock(near, f, comp.shape)
         return np.where(comp, out, 0).astype(np.int8)
     return None
 
@@ -287,10 +268,10 @@ def _close_dents(lungs: np.ndarray, candidates: np.ndarray, spacing_mm, f, radiu
         pad_vox = [int(np.ceil(radius_mm / s)) + 2 * k for s, k in zip(spacing_mm, f)]
         box = _bbox(m, pad_vox)
         mb = m[box]
-        coarse = np.pad(_down(mb, f), 1)  # a margin so the ball can roll off the box edge
+        coarse = np.pad(block_mask(mb, f), 1)  # a margin so the ball can roll off the box edge
         dil = ndi.distance_transform_edt(~coarse, sampling=sp) <= radius_mm
         closed = ndi.distance_transform_edt(dil, sampling=sp) > radius_mm
-        closed = _up(closed[1:-1, 1:-1, 1:-1], f, mb.shape)
+        closed = unblock(closed[1:-1, 1:-1, 1:-1], f, mb.shape)
         added = closed & ~mb & candidates[box] & (out[box] == 0)
         if not added.any():
             continue
@@ -363,10 +344,11 @@ def _add_lesions(labels: np.ndarray, vol: Volume, body: np.ndarray, weights: str
     if n == 0:
         return labels
     sizes = np.bincount(pieces.ravel(), minlength=n + 1)
-    rim = ndi.binary_dilation(add) & (sub > 0)
+    around = _bbox(add, (1, 1, 1))  # the pieces and their rim: no need to dilate the whole box
+    rim = ndi.binary_dilation(add[around]) & (sub[around] > 0)
     near = np.zeros((n + 1, 3), np.int64)  # per piece: rim voxels of each lung label
-    rim_piece = ndi.grey_dilation(pieces, size=(3, 3, 3))[rim]
-    np.add.at(near, (rim_piece, sub[rim].astype(np.int64)), 1)
+    rim_piece = ndi.grey_dilation(pieces[around], size=(3, 3, 3))[rim]
+    np.add.at(near, (rim_piece, sub[around][rim].astype(np.int64)), 1)
     out = labels.copy()
     view = out[box]
     lung_of = np.where(near[:, RIGHT_LUNG] >= near[:, LEFT_LUNG], RIGHT_LUNG, LEFT_LUNG).astype(np.uint8)

@@ -28,7 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["Volume", "xyz_to_zyx", "zyx_to_xyz", "check_volume", "AIR_HU", "MAX_VOXELS"]
+__all__ = ["Volume", "xyz_to_zyx", "zyx_to_xyz", "check_volume", "block_mask", "unblock",
+           "AIR_HU", "MAX_VOXELS"]
 
 #: Largest number of voxels a scan may have before it is refused (about 2 GB of
 #: int16).  A 512x512x1500 scan is 3.9e8 voxels; anything larger is a broken header.
@@ -70,6 +71,35 @@ def xyz_to_zyx(points) -> np.ndarray:
 
 
 zyx_to_xyz = xyz_to_zyx  # the reversal is its own inverse
+
+
+def block_mask(mask: np.ndarray, factors) -> np.ndarray:
+    """Shrink a boolean mask by integer ``factors`` per axis (the coarse grids of the lung mask
+    and the mass pass): a block is set when at least half of it is (the edge padded with unset).
+
+    Examples
+    --------
+    >>> block_mask(np.array([[[1, 1, 0, 1, 0]]], bool), (1, 1, 2)).astype(int).tolist()
+    [[[1, 1, 0]]]
+    """
+    f = tuple(int(k) for k in factors)
+    if f == (1, 1, 1):
+        return mask
+    pad = [(0, (-s) % k) for s, k in zip(mask.shape, f)]
+    m = np.pad(mask, pad).astype(np.float32)
+    z, y, x = m.shape
+    m = m.reshape(z // f[0], f[0], y // f[1], f[1], x // f[2], f[2]).mean(axis=(1, 3, 5))
+    return m >= 0.5
+
+
+def unblock(array: np.ndarray, factors, shape) -> np.ndarray:
+    """Undo :func:`block_mask`'s grid: repeat each coarse voxel ``factors`` times per axis and
+    crop to ``shape`` (any dtype: masks, labels)."""
+    out = array
+    for ax, k in enumerate(factors):
+        if k > 1:
+            out = np.repeat(out, k, axis=ax)
+    return out[:shape[0], :shape[1], :shape[2]]
 
 
 def _vec3(name: str, value) -> tuple[float, float, float]:

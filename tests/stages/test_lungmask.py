@@ -269,11 +269,19 @@ def test_the_lesion_step_leaves_a_lung_without_lesions_alone(phantom_1mm):
     assert np.sum((net > 0) & (classical == 0)) < 5000  # mL: 5
 
 
-def test_lesion_weights_missing_or_off(tmp_path):
+def test_lesion_weights_missing_or_off(tmp_path, monkeypatch):
+    import nets.lesionnet
+
     vol = _chest()
     with pytest.raises(FileNotFoundError, match=r"nothing\.pt: lesion net weights not found"):
         segment_lungs(vol, lesions=str(tmp_path / "nothing.pt"))
-    assert np.array_equal(segment_lungs(vol, lesions=None).array, segment_lungs(vol, lesions=None).array)
+    # with the step off the weights are never looked for: the classical mask, as before it
+    monkeypatch.setattr(nets.lesionnet, "DEFAULT_WEIGHTS", tmp_path / "gone.pt")
+    with pytest.raises(FileNotFoundError, match=r"gone\.pt"):
+        segment_lungs(vol)
+    truth = vol.array == LUNG_HU
+    lab = segment_lungs(vol, lesions=None).array
+    assert 2 * np.sum((lab > 0) & truth) / (np.sum(lab > 0) + truth.sum()) > 0.97
 
 
 def test_real_tumours_stay_inside_the_mask(pycerr):
