@@ -179,6 +179,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.source}: {r.error}", file=sys.stderr)
+    for r in results:
+        for flag in r.flags:
+            print(f"flagged: {r.source}: {flag}", file=sys.stderr)
     done = len(results) - len(failed)
     print(f"{done} scan(s) done, {len(failed)} failed; outputs in {args.out} "
           f"(report.html, candidates.csv, errors.csv)")

@@ -143,6 +143,8 @@ class Reporter:
         else:
             seconds = sum(v for k, v in result.seconds.items() if k != "peak_rss_mb")
             what = f"{result.status} in {seconds:.1f} s, {result.n_candidates} candidates"
+        if result.status != "failed" and getattr(result, "flags", None):
+            what += " (flagged: " + "; ".join(f.split(":", 1)[0] for f in result.flags) + ")"
         self.line(name, f"{what} [{done}/{total} scans]")
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ __all__ = ["write_report"]
 
 _STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}
-.failed{color:#b00}img{max-width:100%;border:1px solid #ccc}details{margin:1em 0}"""
+.failed{color:#b00}.flag{color:#a60}img{max-width:100%;border:1px solid #ccc}details{margin:1em 0}"""
 
 
 def write_report(out_dir, results) -> Path:
@@ -28,15 +28,18 @@ def write_report(out_dir, results) -> Path:
         link = f'<a href="#{name}">{name}</a>' if r.status != "failed" else name
         rows.append(f'<tr class="{r.status}"><td>{link}</td><td>{r.status}</td>'
                     f"<td>{r.n_candidates}</td><td>{html.escape(secs)}</td>"
-                    f"<td>{html.escape(r.error)}</td></tr>")
+                    f"<td>{html.escape(r.error)}</td>"
+                    f"<td class='flag'>{html.escape('; '.join(r.flags))}</td></tr>")
     parts = [f"<!doctype html><meta charset='utf-8'><title>lungscreen report</title><style>{_STYLE}</style>",
              f"<h1>lungscreen: {len(ok)} scans done, {len(failed)} failed</h1>",
-             "<table><tr><th>scan</th><th>status</th><th>candidates</th><th>seconds</th><th>error</th></tr>",
+             "<table><tr><th>scan</th><th>status</th><th>candidates</th><th>seconds</th><th>error</th><th>flags</th></tr>",
              *rows, "</table>"]
     for r in sorted(ok, key=lambda r: r.scan_id):
         scan_dir = Path(r.out_dir)
         name = html.escape(r.scan_id)
         parts.append(f'<details id="{name}"><summary>{name}</summary>')
+        for flag in r.flags:
+            parts.append(f"<p class='flag'>&#9888; {html.escape(flag)}</p>")
         if (scan_dir / "preview.png").exists():
             parts.append(f'<img src="{html.escape(r.scan_id)}/preview.png" alt="preview">')
         csv = scan_dir / "candidates.csv"

@@ -55,6 +55,17 @@ class ScanResult:
     seconds: dict = field(default_factory=dict)
     n_candidates: int = 0
     out_dir: str = ""
+    flags: list = field(default_factory=list)  # what a reader should know: e.g. repaired slices
+
+
+def scan_flags(ct) -> list[str]:
+    """Warnings about how the scan ``ct`` (a :class:`stages.volume.Volume`) was read, for the
+    outputs and the report: slices replaced by interpolation (``meta["repaired_slices"]``)."""
+    repaired = ct.meta.get("repaired_slices") or []
+    if not repaired:
+        return []
+    return [f"{len(repaired)} unreadable slice{'s' * (len(repaired) > 1)} replaced by interpolation "
+            f"from {'their' if len(repaired) > 1 else 'its'} neighbours: {'; '.join(repaired)}"]
 
 
 def source_key(path) -> str:
@@ -249,7 +260,7 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
         if info.get("keys") == step_keys and (ct_written or not save_ct):
             result.scan_id, result.status = known["scan_id"], "cached"
             result.n_candidates, result.out_dir = info.get("n_candidates", 0), str(done.parent)
-            result.seconds = info.get("seconds", {})
+            result.seconds, result.flags = info.get("seconds", {}), info.get("flags", [])
             _trim_cache(StageCache(done.parent / "scan.h5"), cache)
             return result
 
@@ -260,6 +271,7 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     scan_id = values["ct"].scan_id
     scan_dir = out_dir / scan_id
     result.scan_id, result.out_dir = scan_id, str(scan_dir)
+    result.flags = scan_flags(values["ct"])
     write_json({"scan_id": scan_id, "source": str(path)}, index_file)
     if prepare_only:
         result.status = "prepared"
@@ -276,7 +288,7 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     result.n_candidates = 0 if cands is None else len(cands)
     _trim_cache(StageCache(scan_dir / "scan.h5"), cache)  # before scan.json: a kill leaves it unfinished
     write_json({"scan_id": scan_id, "keys": step_keys, "seconds": result.seconds,
-                "n_candidates": result.n_candidates}, scan_dir / "scan.json")
+                "n_candidates": result.n_candidates, "flags": result.flags}, scan_dir / "scan.json")
     return result
 
 

@@ -43,6 +43,15 @@ Transfer syntaxes
     Compressed data (JPEG lossless, JPEG-LS, JPEG 2000, RLE) are decoded by pydicom with
     the pylibjpeg plugins.  Native data shorter than Rows x Columns x bytes is a truncated
     file.
+Corrupt slices
+    Pixel data that cannot be decoded (a decoder error, even a Rust panic), is truncated, or
+    decodes without error to garbage (a compressed slice unlike both its neighbours, see
+    ``GARBLED_FACTOR``) makes its slice unusable.  A few unusable slices inside a series
+    (at most ``REPAIR_MAX_FRACTION`` of it, none next to another) are replaced by linear
+    interpolation from their neighbours and listed in ``meta["repaired_slices"]``
+    (``"file name: reason"``), which the run's ``scan.json``, ``run.json`` and report flag;
+    more, or two in a row, and the scan is refused.  What decoders print is kept off the
+    console: the reason is given once, in our words.
 
 Errors
 ------
@@ -58,9 +67,14 @@ of slices and the skipped list; never patient name, ID, birth date or accession 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+import tempfile
+import threading
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +102,13 @@ GANTRY_TILT_TOLERANCE_DEG = 0.1
 AXIAL_MIN_COS = math.cos(math.radians(45.0))
 #: Row and column directions whose dot product exceeds this are not orthogonal.
 ORTHOGONAL_TOLERANCE = 1e-3
+
+#: Slices of the chosen series whose pixel data cannot be read (corrupt or truncated
+#: compressed data) are replaced by interpolation from their neighbours when they are few:
+#: at most this fraction of the series (at least one slice), never two next to each other.
+#: More, or two in a row, and the scan is refused.  Repaired slices are listed in
+#: ``meta["repaired_slices"]``, which the run's outputs and report flag.
+REPAIR_MAX_FRACTION = 0.02
 
 SITK_SUFFIXES = (".mhd", ".mha", ".nrrd", ".nhdr", ".nii", ".nii.gz")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
@@ -337,6 +358,31 @@ def _slices_of_file(path: Path, max_voxels: int) -> list[_Slice]:
         raise _Skip(f"damaged or truncated DICOM header ({_first_line(exc)})") from None
 
 
+_QUIET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _library_noise_muted():
+    """Keep what DICOM libraries print off the console while they parse or decode one file:
+    pydicom's warnings and log lines, and what compiled decoders write to the process's
+    stderr (a Rust decoder's panic message, a C library's complaint).  The reason reaches the
+    user once, as our own one-line error or skip reason.  Holds a lock: fd 2 is per process."""
+    with _QUIET_LOCK, tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pydicom_log = logging.getLogger("pydicom")
+        level = pydicom_log.level
+        pydicom_log.setLevel(logging.CRITICAL)
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            pydicom_log.setLevel(level)
+
+
 def _dcmread(path: Path, **kw):
     """``pydicom.dcmread``, also for files without the 128-byte preamble and ``DICM`` prefix
     (older archives, ACR-NEMA-style exports): such a file is read as a bare data set and kept
@@ -348,10 +394,12 @@ def _dcmread(path: Path, **kw):
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     try:
-        return pydicom.dcmread(path, **kw)
+        with _library_noise_muted():
+            return pydicom.dcmread(path, **kw)
     except InvalidDicomError:
         try:
-            ds = pydicom.dcmread(path, force=True, **kw)
+            with _library_noise_muted():
+                ds = pydicom.dcmread(path, force=True, **kw)
             looks_like_image = (("SOPClassUID" in ds or "Modality" in ds)
                                 and "Rows" in ds and "Columns" in ds)
         except Exception:  # noqa: BLE001 - junk read by force fails in many ways
@@ -478,10 +526,14 @@ class _PixelReader:
             if len(ds.PixelData) < expected:
                 raise _Skip(f"truncated file: pixel data has {len(ds.PixelData)} of {expected} bytes")
         try:
-            arr = ds.pixel_array
-        except Exception as exc:  # decoder errors come in many types
-            raise _Skip(f"pixel data cannot be decoded ({ds.file_meta.TransferSyntaxUID.name}: "
-                        f"{_first_line(exc)})") from None
+            with _library_noise_muted():
+                arr = ds.pixel_array
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - decoders fail in many ways; a Rust
+            # decoder's panic (pyo3's PanicException) is a BaseException
+            raise _Skip(f"corrupt {syntax.name} pixel data: it cannot be decoded "
+                        f"({_first_line(exc)})") from None
         if sl.frame is None:
             return arr.reshape(sl.rows, sl.cols) if arr.ndim == 3 and arr.shape[0] == 1 else arr
         arr = arr.reshape(n_frames, sl.rows, sl.cols)
@@ -588,27 +640,44 @@ def _read_dicom(path: Path, files: list[Path], series_uid: str | None, max_voxel
         raise ScanError(path, f"header says {ref.cols}x{ref.rows}x{len(slices)} = {n_voxels} voxels, "
                               f"more than max_voxels={max_voxels}")
 
-    # 3. pixels, slice by slice, each with its own rescale
+    # 3. pixels, slice by slice, each with its own rescale; a few unusable slices repaired
     hu = np.empty((len(slices), ref.rows, ref.cols), np.int16)
     read_pixels = _PixelReader()
-    good = []
-    for sl in slices:
+    bad: dict[int, str] = {}  # index in slices -> why its pixels cannot be used
+    for i, sl in enumerate(slices):
         try:
             stored = read_pixels(sl)
-            hu[len(good)] = to_hounsfield(stored, slope=sl.slope, intercept=sl.intercept,
-                                          pixel_padding_value=sl.padding_value,
-                                          photometric=sl.photometric,
-                                          bits_stored=sl.bits_stored, **hu_opts)
+            hu[i] = to_hounsfield(stored, slope=sl.slope, intercept=sl.intercept,
+                                  pixel_padding_value=sl.padding_value, photometric=sl.photometric,
+                                  bits_stored=sl.bits_stored, **hu_opts)
         except _Skip as why:
-            skip(sl.path, str(why), fatal=True)
-            continue
+            bad[i] = str(why)
         except ValueError as exc:  # header and pixels disagree (Bits Stored, frame count...)
-            skip(sl.path, f"unusable pixel data ({_first_line(exc)})", fatal=True)
-            continue
-        good.append(sl)
-    if not good:
-        raise ScanError(path, f"no readable slice in series {uid} ({skipped[-1] if skipped else ''})")
-    hu = hu[: len(good)]
+            bad[i] = f"unusable pixel data ({_first_line(exc)})"
+        if strict and i in bad:
+            raise ScanError(path, bad[i])
+    compressed = [i for i, sl in enumerate(slices) if _is_compressed(sl)]
+    for i, why in _garbled_slices(hu, compressed, bad).items():
+        if strict:
+            raise ScanError(path, why)
+        bad[i] = why
+    if len(bad) == len(slices):
+        raise ScanError(path, f"no readable slice in series {uid} ({bad[len(slices) - 1]})")
+    repaired = []
+    if bad:
+        refusal = _unrepairable(sorted(bad), len(slices))
+        named = [f"{slices[i].path.name}{'' if slices[i].frame is None else f' frame {slices[i].frame + 1}'}: "
+                 f"{bad[i]}" for i in sorted(bad)]
+        if refusal:
+            raise ScanError(path, f"series {uid}: {refusal} ({named[0]}"
+                                  f"{f'; and {len(named) - 1} more' if len(named) > 1 else ''})")
+        log.warning("%s: %d slice(s) of series %s replaced by interpolation from their neighbours: %s",
+                    path, len(bad), uid, "; ".join(named))
+        repaired = named
+        keep = [i for i in range(len(slices)) if i not in bad]
+        hu, good = hu[keep], [slices[i] for i in keep]
+    else:
+        good = slices
     positions = np.array([float(s.ipp_xyz @ normal) for s in good])
 
     # 4. regular z grid
@@ -644,11 +713,69 @@ def _read_dicom(path: Path, files: list[Path], series_uid: str | None, max_voxel
         if hasattr(hdr, "file_meta") else "",
         "number_of_slices": int(hu.shape[0]),
         "skipped": skipped,
+        "repaired_slices": repaired,
         "other_series": _describe(other),
         "z_resampled": z_resampled,
     }
     return Volume(hu, spacing_mm=(dz, first.pixel_spacing[0], first.pixel_spacing[1]),
                   origin_mm=tuple(first.ipp_xyz[::-1]), direction=direction, scan_id=uid, meta=meta)
+
+
+def _is_compressed(sl: _Slice) -> bool:
+    meta = getattr(sl.header, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    return bool(syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed)
+
+
+#: A decoded slice is garbled when its mean absolute difference to each of its neighbours
+#: exceeds ``GARBLED_FACTOR`` times the neighbours' difference to each other plus
+#: ``GARBLED_MARGIN_HU``.  Real chest CT stays below 0.75 times (lung1 and pycerr pat_1..4,
+#: 3-5 mm slices); a JPEG Lossless stream corrupted mid-slice decodes to hundreds of HU of
+#: noise from the damaged byte on, with no decoder error.
+GARBLED_FACTOR = 2.0
+GARBLED_MARGIN_HU = 50.0
+
+
+def _garbled_slices(hu: np.ndarray, check: list[int], bad: dict[int, str]) -> dict[int, str]:
+    """Slices among ``check`` whose decoded pixels are unlike both neighbours (corrupt
+    compressed data that decodes without an error); neighbours are the nearest slices not in
+    ``bad``.  Catches gross corruption only: a damaged JPEG 2000 code block that changes a
+    few HU is not seen."""
+    usable = [i for i in range(len(hu)) if i not in bad]
+    if len(usable) < 3:
+        return {}
+    where = {i: j for j, i in enumerate(usable)}
+
+    def diff(a: int, b: int) -> float:
+        return float(np.abs(hu[a].astype(np.float32) - hu[b]).mean())
+
+    out = {}
+    for i in check:
+        if i not in where:
+            continue
+        j = where[i]
+        # neighbours (an end slice: the next two), and their distance to each other
+        n1, n2 = (usable[j - 1], usable[j + 1]) if 0 < j < len(usable) - 1 else \
+            ((usable[1], usable[2]) if j == 0 else (usable[-2], usable[-3]))
+        d_own = min(diff(i, n1), diff(i, n2)) if 0 < j < len(usable) - 1 else diff(i, n1)
+        d_ref = diff(n1, n2)
+        if d_own > GARBLED_FACTOR * d_ref + GARBLED_MARGIN_HU:
+            out[i] = (f"corrupt compressed pixel data: the decoded slice differs from its "
+                      f"neighbours by {d_own:.0f} HU on average, they differ by {d_ref:.0f} HU")
+    return out
+
+
+def _unrepairable(bad: list[int], n_slices: int) -> str | None:
+    """Why the unusable slices ``bad`` (sorted indices) cannot be repaired, or None."""
+    pairs = [(a, b) for a, b in zip(bad, bad[1:]) if b == a + 1]
+    if pairs:
+        return (f"slices {pairs[0][0] + 1} and {pairs[0][1] + 1} of {n_slices}, next to each other, "
+                "cannot be used: too wide a gap to interpolate")
+    limit = max(1, int(REPAIR_MAX_FRACTION * n_slices))
+    if len(bad) > limit:
+        return (f"{len(bad)} of {n_slices} slices cannot be used, more than the {limit} that "
+                f"may be replaced by interpolation ({REPAIR_MAX_FRACTION:.0%})")
+    return None
 
 
 def _regular_z(hu: np.ndarray, positions: np.ndarray, dz: float) -> np.ndarray:

@@ -204,13 +204,13 @@ def test_missing_slice_is_interpolated(tmp_path, rng, caplog):
     assert "uneven slice spacing" in caplog.text
 
 
-def test_truncated_slice_in_a_folder_is_skipped_and_interpolated(tmp_path, rng):
+def test_truncated_slice_in_a_folder_is_repaired_and_flagged(tmp_path, rng):
     vol = _volume(rng, shape=(5, 12, 10))
     paths = write_dicom_series(vol, tmp_path, shuffle_names=False)
     data = paths[2].read_bytes()
     paths[2].write_bytes(data[:-50])
     got = read_scan(tmp_path)
-    assert got.meta["skipped"] == ["slice_0002.dcm: truncated file: pixel data has 190 of 240 bytes"]
+    assert got.meta["repaired_slices"] == ["slice_0002.dcm: truncated file: pixel data has 190 of 240 bytes"]
     assert got.shape == vol.shape and got.meta["z_resampled"]
 
 
