@@ -14,11 +14,14 @@ import logging
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import signal
 import sys
 import time
 import traceback
+import warnings
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from pipeline.config import effective_settings
 from pipeline.io import write_csv, write_json
 from pipeline.progress import DEFAULT_MODE, Reporter
 from pipeline.run import PICTURES, ScanResult, process_scan
+from pipeline.steps import series_source, split_source
 from stages.errors import ScanError
 
 __all__ = ["discover_scans", "run_many", "IMAGE_SUFFIXES", "Interrupted", "OutputFull"]
@@ -86,8 +90,11 @@ def discover_scans(source, *, limit: int | None = None, only: list[str] | None =
 
     ``source`` may be one DICOM series folder, a folder of patient folders (Kaggle DSB 2017),
     a LUNA16 tree (``subset0..9/*.mhd``), one image file, a text file listing paths (one a
-    line, ``#`` comments), or a mix.  A folder that directly holds DICOM-like files is one
-    scan (nested series inside it are read with it); otherwise its subfolders are searched.
+    line, ``#`` comments; ``FOLDER#series=UID`` names one series of a folder), or a mix.  A
+    folder that directly holds DICOM-like files is one scan (nested series inside it are read
+    with it); otherwise its subfolders are searched, and sibling subfolders holding one series
+    between them (a CD export's split series) are one scan: their parent, or
+    ``PARENT#series=UID`` when the parent holds other series too.
     An empty folder inside ``source`` and a listed path that is missing or holds no scan are
     returned too, so that each fails alone with its reason in ``errors.csv`` while the other
     scans run.
@@ -111,9 +118,12 @@ def discover_scans(source, *, limit: int | None = None, only: list[str] | None =
     if source.is_file():
         if _suffix(source) in (".txt", ".lst"):
             for line in source.read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
+                line = re.sub(r"#(?!series=).*", "", line).strip()  # a comment, not a series mark
                 if line:
                     entry = Path(line) if Path(line).is_absolute() else source.parent / line
+                    if split_source(entry)[1] is not None:  # FOLDER#series=UID: that series
+                        found.append(entry)
+                        continue
                     # an entry that is missing or holds no scan is handed on as it is: it fails
                     # alone, with its reason in errors.csv, and the rest run
                     found.extend((discover_scans(entry) if entry.exists() else []) or [entry])
@@ -145,7 +155,49 @@ def _walk(folder: Path, *, top: bool = True) -> list[Path]:
     out = list(images)
     for sub in subs:
         out.extend(_walk(sub, top=False))
+    return _join_split_series(folder, out)
+
+
+def _join_split_series(folder: Path, found: list[Path]) -> list[Path]:
+    """Make one scan of a DICOM series whose files lie in several subfolders of ``folder``
+    (CD/DVD exports and some PACS tools split a series at a few hundred files a folder): the
+    subfolders whose first DICOM file has the same Series Instance UID become ``folder`` (when
+    they are all it holds) or ``folder#series=UID``, read from everything under ``folder``.
+    One header is read per subfolder."""
+    uid_of = {p: _first_series_uid(p) for p in found if p.parent == folder and p.is_dir()}
+    counts = Counter(uid for uid in uid_of.values() if uid)
+    split = {uid for uid, n in counts.items() if n > 1}
+    if not split:
+        return found
+    out, done = [], set()
+    for p in found:
+        uid = uid_of.get(p)
+        if uid not in split:
+            out.append(p)
+        elif uid not in done:
+            done.add(uid)
+            whole = len(split) == 1 and all(uid_of.get(q) == uid for q in found)
+            out.append(folder if whole else series_source(folder, uid))
     return out
+
+
+def _first_series_uid(folder: Path) -> str | None:
+    """Series Instance UID of the first file (by name) in ``folder`` that has one, else None."""
+    import pydicom
+
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if _suffix(f) in IMAGE_SUFFIXES + NOT_DICOM_SUFFIXES:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception:  # noqa: BLE001 - not DICOM, damaged: that folder stays a scan of its own
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if uid:
+            return uid
+    return None
 
 
 def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DEFAULT_CACHE,

@@ -31,7 +31,7 @@ from pipeline.cache import (DEFAULT_CACHE, StageCache, caches_output, check_cach
                             stage_key)
 from pipeline.io import write_csv, write_json, write_volume
 from pipeline.progress import Reporter, scan_name
-from pipeline.steps import get_step, module_files
+from pipeline.steps import SERIES_MARK, get_step, module_files, split_source
 from stages.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,11 @@ def scan_flags(ct) -> list[str]:
 
 
 def source_key(path) -> str:
-    """Stable key of an input: its resolved path plus the sizes and mtimes of its files."""
-    path = Path(path).resolve()
-    h = hashlib.sha1(str(path).encode())
+    """Stable key of an input: its resolved path (and series, for ``FOLDER#series=UID``) plus
+    the sizes and mtimes of its files."""
+    path, series_uid = split_source(path)
+    path = path.resolve()
+    h = hashlib.sha1(str(path).encode() + (f"{SERIES_MARK}{series_uid}".encode() if series_uid else b""))
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
         try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["Step", "STEPS", "get_step"]
+__all__ = ["Step", "STEPS", "get_step", "SERIES_MARK", "split_source", "series_source"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,34 @@ class Step:
 MIN_SLICES = 3
 
 
+#: A scan given as one series of a DICOM folder: ``FOLDER#series=UID`` (what discovery gives
+#: a series split over sibling folders; a list file may name one the same way).
+SERIES_MARK = "#series="
+
+
+def series_source(folder, series_uid: str) -> Path:
+    """The scan ``series_uid`` (0020,000E) read from ``folder`` and everything under it."""
+    return Path(f"{folder}{SERIES_MARK}{series_uid}")
+
+
+def split_source(source) -> tuple[Path, str | None]:
+    """``(path, series_uid)`` of a scan source: ``FOLDER#series=UID`` names one series of a
+    folder; any other source (an existing path, whatever its name) is itself, with no UID."""
+    text = str(source)
+    if SERIES_MARK in text and not Path(text).exists():
+        folder, _, uid = text.rpartition(SERIES_MARK)
+        return Path(folder), uid
+    return Path(text), None
+
+
 def _ingest(path, **settings):
     from stages.errors import ScanError
     from stages.ingest import read_scan
 
-    ct = read_scan(path, **settings)
+    folder, series_uid = split_source(path)
+    if series_uid is not None:
+        settings = {**settings, "series_uid": series_uid}
+    ct = read_scan(folder, **settings)
     if ct.shape[0] < MIN_SLICES:
         raise ScanError(path, f"only {ct.shape[0]} slice{'s' if ct.shape[0] > 1 else ''} "
                               f"({ct.shape[0] * ct.spacing_mm[0]:.1f} mm): too short to hold a lung "

@@ -101,3 +101,74 @@ def test_a_missing_listed_path_and_an_empty_patient_folder_fail_alone(tmp_path):
     reasons = dict(zip(errors["path"].map(lambda p: Path(p).name), errors["error"]))
     assert "empty folder" in reasons["patient2"] and "no such file or folder" in reasons["there"]
     assert len(results) == 3
+
+
+def _split_series(folder: Path, parts: list[Path], seed: int) -> str:
+    """A phantom DICOM series written to ``folder``, then dealt out over ``parts`` (sibling
+    folders, as a CD export splits a series); returns its Series Instance UID."""
+    import pydicom
+    from synth.phantom import write_phantom_scan
+
+    write_phantom_scan(folder, fmt="dicom", seed=seed, shape_zyx=(24, 48, 48), spacing_mm=(3.0, 4.0, 4.0),
+                       n_nodules=1)
+    files = sorted(folder.iterdir())
+    for part in parts:
+        part.mkdir(parents=True)
+    for i, f in enumerate(files):
+        f.rename(parts[i % len(parts)] / f.name)  # interleaved: each folder alone has gaps
+    folder.rmdir()
+    return str(pydicom.dcmread(parts[0] / sorted(p.name for p in parts[0].iterdir())[0]).SeriesInstanceUID)
+
+
+def test_a_series_split_over_sibling_folders_is_one_scan(tmp_path):
+    from pipeline.steps import STEPS
+    from stages.ingest import read_scan
+
+    dicom = tmp_path / "cd" / "DICOM"
+    uid = _split_series(tmp_path / "whole", [dicom / "SE001", dicom / "SE002", dicom / "SE003"], seed=1)
+    assert discover_scans(tmp_path / "cd") == [dicom]
+    # the same series beside another one: named by its UID, the other series stays a scan
+    other = tmp_path / "cd2" / "DICOM"
+    uid2 = _split_series(tmp_path / "whole2", [other / "A", other / "B"], seed=1)
+    assert uid2 == uid
+    _split_series(tmp_path / "third", [other / "C"], seed=2)
+    scans = discover_scans(tmp_path / "cd2")
+    assert scans == [Path(f"{other}#series={uid}"), other / "C"]
+    # read: every slice, the true origin, the same volume as the series in one folder
+    reference = read_scan(dicom)
+    got = STEPS["ingest"].fn(scans[0])["ct"]
+    assert got.scan_id == uid and got.shape == reference.shape == (24, 48, 48)
+    assert got.same_geometry(reference, atol_mm=1e-6) and (got.array == reference.array).all()
+    assert not got.meta["z_resampled"]
+
+
+def test_a_list_file_may_name_one_series_of_a_folder(tmp_path):
+    folder = tmp_path / "DICOM"
+    uid = _split_series(tmp_path / "w", [folder / "A", folder / "B"], seed=3)
+    _split_series(tmp_path / "w2", [folder / "C"], seed=4)
+    listing = _touch(tmp_path / "scans.txt", f"DICOM#series={uid}  # the CT\n".encode())
+    assert discover_scans(listing) == [Path(f"{folder}#series={uid}")]
+
+
+def test_a_batch_over_a_split_series_writes_it_once_and_resumes(tmp_path):
+    import json
+
+    import yaml
+
+    from pipeline.__main__ import main
+
+    dicom = tmp_path / "cd" / "DICOM"
+    uid = _split_series(tmp_path / "w", [dicom / "SE1", dicom / "SE2"], seed=5)
+    _split_series(tmp_path / "w2", [dicom / "SE3"], seed=6)
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "default.yaml").read_text())
+    config["stages"] = ["ingest", "resample", "lungmask"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    args = ["run", str(tmp_path / "cd"), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "c.yaml"),
+            "--quiet", "--pictures", "0"]
+    assert main(args) == 0
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert sorted(s["status"] for s in run["scans"]) == ["ok", "ok"]
+    assert len({s["scan_id"] for s in run["scans"]}) == 2 and uid in {s["scan_id"] for s in run["scans"]}
+    assert main(args) == 0
+    again = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert [s["status"] for s in again["scans"]] == ["cached", "cached"]
