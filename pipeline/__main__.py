@@ -170,8 +170,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         return INTERRUPTED
     except OutputFull as exc:
         finished = sum(r.status != "failed" for r in exc.results)
+        advice = ("make room" if "space" in exc.reason or "quota" in exc.reason
+                  else "make it a writable folder (or choose another --out)")
         print(f"\nerror: {exc.out_dir}: {exc.reason}; stopped after {finished} of {len(scans)} "
-              "scan(s), whose outputs are complete; make room and run the same command again to "
+              f"scan(s), whose outputs are complete; {advice} and run the same command again to "
               "resume", file=sys.stderr)
         return OUTPUT_FULL
     finally:

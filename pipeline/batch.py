@@ -18,6 +18,7 @@ import re
 import resource
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -63,6 +64,25 @@ def _output_full(exc: BaseException) -> str | None:
     if "No space left on device" in text or "errno = 28" in text:
         return "no space left on device"
     return None
+
+
+def _check_output_folder(out_dir: Path) -> None:
+    """Create ``out_dir`` and write a file in it, before any scan is screened: a folder that
+    cannot be made or written (read-only, no permission, a file of that name) is one
+    :class:`OutputFull` error naming it, not a traceback after the first scan's work."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise OutputFull(out_dir, "not a folder (a file of that name is in the way)") from None
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else _first_line(exc)
+        raise OutputFull(out_dir, reason) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -302,7 +322,7 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
     reporter = Reporter(progress)
     worker_reporter = Reporter("log") if reporter.mode == "log" else None  # no bars from workers
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_output_folder(out_dir)
     t0 = time.time()
     args = [(str(p), str(out_dir), config, force, pictures) for p in scans]
     options = {"cache": cache, "save_ct": save_ct, "device": device}
