@@ -20,6 +20,7 @@ raised, never hidden.  ``lungscreen --version`` prints the installed version.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.metadata
 import logging
@@ -85,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="run on the built-in demo scan")
     p.add_argument("--out", default="out", help="output folder (default: out/)")
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
+                   help="change one config setting (repeatable; VALUE is YAML), e.g. "
+                        "--set classify.tta=false --set candidates.max_candidates=300 "
+                        "--set stages=[ingest,resample,lungmask]")
     p.add_argument("--workers", type=int, default=1, help="scans processed at once (process pool)")
     p.add_argument("--executor", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", default=None, help="Dask scheduler address, with --executor dask")
@@ -116,6 +121,37 @@ INTERRUPTED = 130
 OUTPUT_FULL = 3
 
 
+def parse_settings(items: list[str]) -> dict:
+    """``["classify.tta=false", "stages=[ingest,resample]"]`` -> ``{"classify": {"tta": False},
+    "stages": ["ingest", "resample"]}``: each ``--set`` as a :func:`pipeline.config.load_config`
+    override (values read as YAML; unknown sections and keys are refused there, with the
+    nearest valid name).
+
+    Raises
+    ------
+    ValueError
+        An item is not ``SECTION.KEY=VALUE`` (or ``stages=[...]``), or its value is not YAML.
+    """
+    import yaml
+
+    overrides: dict = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not section or (dot and not key) or (not dot and section != "stages"):
+            raise ValueError(f"--set {item}: expected SECTION.KEY=VALUE (e.g. classify.tta=false) "
+                             "or stages=[...]")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item}: the value {text!r} is not valid YAML") from None
+        if dot:
+            overrides.setdefault(section, {})[key] = value
+        else:
+            overrides[section] = value
+    return overrides
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -141,10 +177,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.executor == "dask" and not args.scheduler:
         print("error: --executor dask needs --scheduler ADDRESS", file=sys.stderr)
         return 2
+    if not args.demo and not args.scan_dir:
+        print("error: run needs a scan: lungscreen run PATH (a DICOM folder, a tree of scans, an "
+              "image file or a list file), or lungscreen run --demo for the built-in demo scan",
+              file=sys.stderr)
+        return 2
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, parse_settings(args.settings))
         pick_device(args.device)  # a CUDA device asked for where torch sees none: refused here
-        if args.demo or not args.scan_dir:
+        if args.demo:
             from synth.demo import demo_scan
 
             source = demo_scan()
@@ -197,10 +238,32 @@ def _module(name: str):
     return sys.modules[__name__] if module is None else importlib.import_module(module)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose "unrecognized arguments" error names the nearest valid option
+    (``--pictres`` -> did you mean ``--pictures``?)."""
+
+    def error(self, message):
+        bad = re.match(r"unrecognized arguments: (.*)", message)
+        if bad:
+            options = {o for p in [self, *self._subparsers_seen()] for a in p._actions
+                       for o in a.option_strings}
+            for word in bad.group(1).split():
+                close = difflib.get_close_matches(word.split("=", 1)[0], sorted(options), n=1) \
+                    if word.startswith("-") else []
+                if close:
+                    message += f"; did you mean {close[0]}?"
+                    break
+        super().error(message)
+
+    def _subparsers_seen(self):
+        return [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                for p in a.choices.values()]
+
+
 def _parser(command: str | None) -> argparse.ArgumentParser:
     """The ``lungscreen`` parser; only ``command``'s subparser gets its options (and module)."""
-    parser = argparse.ArgumentParser(prog="lungscreen", description="Lung nodule screening for chest "
-                                     "CT; `lungscreen COMMAND --help` gives a command's options.")
+    parser = _Parser(prog="lungscreen", description="Lung nodule screening for chest "
+                     "CT; `lungscreen COMMAND --help` gives a command's options.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -34,6 +34,7 @@ from pipeline.io import write_csv, write_json
 from pipeline.progress import DEFAULT_MODE, Reporter
 from pipeline.run import PICTURES, ScanResult, process_scan
 from pipeline.steps import series_source, split_source
+from stages.device import pick_device
 from stages.errors import ScanError
 
 __all__ = ["discover_scans", "run_many", "IMAGE_SUFFIXES", "Interrupted", "OutputFull"]
@@ -334,14 +335,17 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
         reporter.scan_done(res, len(results), len(args))  # a failure's reason: errors.csv and
         # the command's summary (pipeline.__main__), once each
 
+    # run.json: how the run ran; the device is where the device stages computed (resolved:
+    # "cuda" when torch saw a GPU and --device was auto), for the record
+    info = {"workers": workers, "executor": executor, "cache": cache, "device": str(pick_device(device))}
     try:
         _execute(args, options, config, executor, scheduler, workers, gpu_from, device,
                  collect, reporter, worker_reporter)
     except KeyboardInterrupt:
         reporter.close()
         results.sort(key=lambda r: r.source)
-        write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
-                        executor=executor, cache=cache, interrupted=True)
+        write_run_files(out_dir, results, config, seconds=time.time() - t0, **info,
+                        interrupted=True)
         raise Interrupted(results) from None
     except OSError as exc:
         full = exc.reason if isinstance(exc, OutputFull) else _output_full(exc)
@@ -350,14 +354,13 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
         reporter.close()
         results.sort(key=lambda r: r.source)
         with contextlib.suppress(OSError):  # the run's CSVs for the finished scans, if they fit
-            write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
-                            executor=executor, cache=cache, stopped=full)
+            write_run_files(out_dir, results, config, seconds=time.time() - t0, **info,
+                            stopped=full)
         raise OutputFull(out_dir, full, results) from None
     reporter.close()
     results.sort(key=lambda r: r.source)
     try:
-        write_run_files(out_dir, results, config, seconds=time.time() - t0, workers=workers,
-                        executor=executor, cache=cache)
+        write_run_files(out_dir, results, config, seconds=time.time() - t0, **info)
     except OSError as exc:
         if (full := _output_full(exc)) is None:
             raise

@@ -83,7 +83,7 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
         raise ValueError(f"{path}: a config needs a 'stages:' list, e.g. stages: [ingest, resample]")
     config = copy.deepcopy(config)
     if overrides:
-        _check_sections("overrides", overrides)
+        _check_sections("--set", overrides)
     for section, values in (overrides or {}).items():
         if isinstance(values, dict):
             config.setdefault(section, {}).update(values)

@@ -180,3 +180,53 @@ def test_run_refuses_a_cuda_device_without_a_gpu_before_any_scan(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA GPU" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_set_changes_one_setting_and_names_the_nearest_key(tmp_path, capsys):
+    assert cli.parse_settings(["classify.tta=false", "candidates.max_candidates=300",
+                               "stages=[ingest, resample]"]) == {
+        "classify": {"tta": False}, "candidates": {"max_candidates": 300}, "stages": ["ingest", "resample"]}
+    for bad in ["classify", "classify.=1", "=3", "classify.tta=[1"]:
+        with pytest.raises(ValueError, match=r"--set "):
+            cli.parse_settings([bad])
+    assert cli.main(["run", str(tmp_path), "--set", "classify.ttta=1"]) == 2
+    assert "--set: unknown key 'ttta' in section 'classify'; did you mean 'tta'?" in capsys.readouterr().err
+
+
+def test_set_reaches_the_run_and_run_json_records_the_device(tmp_path):
+    import json
+
+    from synth.phantom import write_phantom_scan
+
+    write_phantom_scan(tmp_path / "scan", fmt="dicom", seed=2, shape_zyx=(20, 40, 40),
+                       spacing_mm=(3.0, 4.0, 4.0), n_nodules=1)
+    assert cli.main(["run", str(tmp_path / "scan"), "--out", str(tmp_path / "out"), "--quiet",
+                     "--pictures", "0", "--device", "cpu", "--set", "stages=[ingest,resample]",
+                     "--set", "resample.spacing_mm=[2,2,2]"]) == 0
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["config"]["stages"] == ["ingest", "resample"]
+    assert run["config"]["resample"]["spacing_mm"] == [2, 2, 2] and run["device"] == "cpu"
+
+
+def test_a_misspelt_option_names_the_nearest(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "x", "--pictres", "3"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --pictres" in (err := capsys.readouterr().err)
+    assert "did you mean --pictures?" in err
+
+
+def test_run_without_a_path_is_an_error_that_suggests_demo(capsys):
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run needs a scan") and "--demo" in err
+
+
+def test_the_lock_installs_from_the_standard_index():
+    """No local version (``+cpu``): pip on any machine resolves every pin; torch takes the
+    standard wheel (CUDA where pip offers it), here the CPU wheel on disk of the same version."""
+    pins = [line.strip() for line in (ROOT / "requirements.lock").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][0-9A-Za-z.]*", p) for p in pins), \
+        [p for p in pins if "+" in p or "==" not in p]
+    assert "torch==2.13.0" in pins

@@ -59,7 +59,7 @@ def test_the_error_names_the_file_that_holds_the_key(tmp_path):
 
 
 def test_overrides_are_checked_too():
-    with pytest.raises(ValueError, match="overrides: unknown key 'bandwith'.*'bandwidth'"):
+    with pytest.raises(ValueError, match="--set: unknown key 'bandwith'.*'bandwidth'"):
         load_config(overrides={"candidates": {"bandwith": 2.0}})
     assert load_config(overrides={"candidates": {"bandwidth": 2.0}})["candidates"]["bandwidth"] == 2.0
 
