@@ -2,11 +2,13 @@
 each step's keyword arguments (read with ``yaml.safe_load``, never ``yaml.load``).
 
 Every key is checked when the file is read, before any scan runs: a top-level key is
-``stages``, ``extends`` or the name of a registered step (:data:`pipeline.steps.STEPS`), and
-a key inside a step's section is a setting of that step, that is a keyword parameter with a
-default of the step's adapter (``pipeline.steps``) or of the stage function the adapter
-forwards its ``**settings`` to (:data:`STAGE_FUNCTIONS`).  A misspelt key is refused with the
-nearest valid one::
+``stages``, ``extends``, ``outputs`` or the name of a registered step
+(:data:`pipeline.steps.STEPS`), and a key inside a step's section is a setting of that step,
+that is a keyword parameter with a default of the step's adapter (``pipeline.steps``) or of
+the stage function the adapter forwards its ``**settings`` to (:data:`STAGE_FUNCTIONS`).  The
+``outputs`` section holds settings of the scan's outputs, the keyword parameters with a
+default of :data:`OUTPUT_FUNCTION` (``sr_min_probability``: the DICOM SR's findings).  A
+misspelt key is refused with the nearest valid one::
 
     configs/x.yaml: unknown key 'max_candidate' in section 'candidates'; did you mean 'max_candidates'?
 """
@@ -21,8 +23,8 @@ from typing import Callable, Iterable
 
 import yaml
 
-__all__ = ["load_config", "load_settings", "stage_settings", "effective_settings", "DEFAULT_CONFIG",
-           "STAGE_FUNCTIONS"]
+__all__ = ["load_config", "load_settings", "stage_settings", "output_settings", "effective_settings",
+           "DEFAULT_CONFIG", "STAGE_FUNCTIONS", "OUTPUT_SECTION", "OUTPUT_FUNCTION"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 #: The stage function each step's adapter in :mod:`pipeline.steps` forwards ``**settings`` to
@@ -36,6 +38,10 @@ STAGE_FUNCTIONS = {
 }
 #: Top-level keys that are not a step's section.
 TOP_LEVEL_KEYS = ("stages", "extends")
+#: The section of the outputs' settings, not a step's: its keys are the keyword parameters
+#: with a default of :data:`OUTPUT_FUNCTION`, whose defaults are theirs.
+OUTPUT_SECTION = "outputs"
+OUTPUT_FUNCTION = "pipeline.dicom_outputs:write_dicom_outputs"
 #: Keyword arguments the runner passes to a step, never read from a config.
 RUNNER_ARGUMENTS = frozenset({"progress"})
 
@@ -182,15 +188,31 @@ def stage_settings(name: str) -> frozenset[str] | None:
     return frozenset(keys - given - RUNNER_ARGUMENTS)
 
 
+def output_settings() -> dict:
+    """The settings of the config's ``outputs`` section and their defaults: the keyword
+    parameters with a default of :data:`OUTPUT_FUNCTION`.
+
+    Examples
+    --------
+    >>> output_settings()
+    {'sr_min_probability': 0.5}
+    """
+    module, function = OUTPUT_FUNCTION.split(":")
+    fn = getattr(importlib.import_module(module), function)
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
+
+
 def effective_settings(config: dict) -> dict:
     """Every setting each listed stage runs with: its functions' keyword defaults, then the
-    config's overrides (what ``run.json`` records, so a run can be repeated exactly).
+    config's overrides (what ``run.json`` records, so a run can be repeated exactly); and
+    the same for the ``outputs`` section.
 
     Examples
     --------
     >>> s = effective_settings(load_config())
-    >>> s["candidates"]["max_candidates"], s["classify"]["tta_top"]
-    (1000, 100)
+    >>> s["candidates"]["max_candidates"], s["classify"]["tta_top"], s["outputs"]
+    (1000, 100, {'sr_min_probability': 0.5})
     """
     from pipeline.steps import get_step
 
@@ -206,6 +228,7 @@ def effective_settings(config: dict) -> dict:
             values.update({p.name: p.default for p in inspect.signature(fn).parameters.values()
                            if p.name in keys and p.default is not p.empty})
         out[name] = {**dict(sorted(values.items())), **config.get(name, {})}
+    out[OUTPUT_SECTION] = {**output_settings(), **(config.get(OUTPUT_SECTION) or {})}
     return out
 
 
@@ -232,14 +255,14 @@ def _check_sections(source, config: dict) -> None:
     for section, values in config.items():
         if section in TOP_LEVEL_KEYS:
             continue
-        if section not in known:
+        if section not in known and section != OUTPUT_SECTION:
             raise ValueError(_unknown(source, f"section {section!r}", section,
-                                      [*TOP_LEVEL_KEYS, *known]))
+                                      [*TOP_LEVEL_KEYS, OUTPUT_SECTION, *known]))
         if values is None:
             continue
         if not isinstance(values, dict):
             raise ValueError(f"{source}: section {section!r} must be a mapping of keyword arguments")
-        valid = stage_settings(section)
+        valid = set(output_settings()) if section == OUTPUT_SECTION else stage_settings(section)
         if valid is None:
             continue
         for key in values:

@@ -11,6 +11,8 @@ the file stem otherwise), each written under a temporary name and renamed:
 * ``scan.h5``         the stage cache (see :mod:`pipeline.cache`): by default every stage
   result but the CT volumes; ``cache="all"`` keeps those too, ``"none"`` leaves no file
 * ``ct_1mm.nrrd``     only with ``save_ct=True``: int16 HU at 1 mm on the lung mask's grid
+* ``lung_mask.seg.dcm``, ``findings.sr.dcm``  DICOM inputs only: the lung mask as a DICOM SEG
+  and the findings as a DICOM SR, in the source series' study (:mod:`pipeline.dicom_outputs`)
 * ``scan.json``       written last: stage keys and timings; its presence means "done"
 
 Sizes on a 512x512x300 phantom (0.7 x 0.7 x 1 mm, noise 20 HU; 300x358x358 at 1 mm): the
@@ -105,6 +107,9 @@ def _step_keys(config: dict, input_key: str) -> dict[str, str]:
         step_keys[name] = key
         for out in step.outputs:
             value_keys[out] = key
+    import pipeline.dicom_outputs as dicom_outputs  # its settings and code shape the outputs
+    step_keys["outputs"] = stage_key("outputs", config.get("outputs") or {},
+                                     code_version([dicom_outputs.__file__]), [])
     return step_keys
 
 
@@ -282,7 +287,8 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     if reporter is not None:
         reporter.stage_started(scan, "write")
     t0 = time.perf_counter()
-    _write_outputs(scan_dir, values, pictures=pictures, save_ct=save_ct)
+    result.flags += _write_outputs(scan_dir, values, pictures=pictures, save_ct=save_ct,
+                                   outputs=config.get("outputs") or {})
     result.seconds["write"] = round(time.perf_counter() - t0, 3)
     if reporter is not None:
         reporter.stage_done(scan, "write", result.seconds["write"])
@@ -299,7 +305,10 @@ def _trim_cache(store: StageCache, cache: str) -> None:
     store.drop([name for name in store.keys() if not caches_output(name.split(".", 1)[-1], cache)])
 
 
-def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool) -> None:
+def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool,
+                   outputs: dict) -> list[str]:
+    """Write the scan's outputs; return flags about them (``outputs``: the config's section)."""
+    from pipeline.dicom_outputs import write_dicom_outputs
     from pipeline.preview import save_candidate_pictures, save_preview
 
     scan_dir.mkdir(parents=True, exist_ok=True)
@@ -318,3 +327,4 @@ def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool
         os.unlink(old)
     if cands is not None and pictures:
         save_candidate_pictures(ct, cands.head(pictures), scan_dir, mask=mask)
+    return write_dicom_outputs(scan_dir, values, **outputs)  # DICOM inputs: SEG and SR
