@@ -79,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         ``parser``.
     """
     from pipeline.cache import CACHE_CHOICES, DEFAULT_CACHE
+    from pipeline.outputs import DEFAULT_VOLUME_FORMAT, VOLUME_FORMATS
     from pipeline.run import PICTURES
 
     p = parser
@@ -105,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"or all (the CT too, about 100 MB more a scan) (default: {DEFAULT_CACHE})")
     p.add_argument("--save-ct", action="store_true",
                    help="also write ct_1mm.nrrd (int16 HU at 1 mm, about 40 MB a scan)")
+    p.add_argument("--format", dest="volume_format", choices=list(VOLUME_FORMATS),
+                   default=DEFAULT_VOLUME_FORMAT,
+                   help="file format of the volumes (lung_mask, lung_mask_native, ct_1mm): nrrd or "
+                        "nifti (.nii.gz, qform/sform in scanner RAS); candidates.mrk.json and "
+                        f"lung_mask.seg.nrrd are 3D Slicer's and written with either (default: "
+                        f"{DEFAULT_VOLUME_FORMAT})")
     p.add_argument("--device", default=None,
                    help="where resampling, clustering and the CNN run: auto, cpu, cuda or cuda:N "
                         "(default: auto, CUDA when torch sees a GPU, else the CPU)")
@@ -203,7 +210,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         results = run_many(scans, args.out, config, workers=args.workers, force=args.force,
                            executor=args.executor, scheduler=args.scheduler, pictures=args.pictures,
-                           progress=progress, cache=args.cache, save_ct=args.save_ct, device=args.device)
+                           progress=progress, cache=args.cache, save_ct=args.save_ct, device=args.device,
+                           volume_format=args.volume_format)
     except KeyboardInterrupt as exc:
         finished = len(getattr(exc, "results", []))
         print(f"\ninterrupted: {finished} of {len(scans)} scan(s) finished, kept in {args.out}; "

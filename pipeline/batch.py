@@ -31,6 +31,7 @@ import pandas as pd
 from pipeline.cache import DEFAULT_CACHE, check_cache_choice
 from pipeline.config import effective_settings
 from pipeline.io import write_csv, write_json
+from pipeline.outputs import DEFAULT_VOLUME_FORMAT, volume_file
 from pipeline.progress import DEFAULT_MODE, Reporter
 from pipeline.run import PICTURES, ScanResult, process_scan
 from pipeline.steps import series_source, split_source
@@ -222,13 +223,13 @@ def _first_series_uid(folder: Path) -> str | None:
 
 
 def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DEFAULT_CACHE,
-         save_ct=False, device=None, reporter=None) -> ScanResult:
+         save_ct=False, device=None, reporter=None, volume_format=DEFAULT_VOLUME_FORMAT) -> ScanResult:
     """Process one scan; turn any failure into a one-line error (never raises)."""
     logging.basicConfig(level=logging.WARNING)
     try:
         result = process_scan(path, out_dir, config, force=force, pictures=pictures,
                               prepare_only=prepare_only, cache=cache, save_ct=save_ct,
-                              device=device, reporter=reporter)
+                              device=device, reporter=reporter, volume_format=volume_format)
     except ScanError as exc:
         result = ScanResult(source=str(path), status="failed", error=exc.reason)
     except MemoryError:
@@ -286,7 +287,8 @@ def first_gpu_stage(config: dict, device=None) -> str | None:
 def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, force: bool = False,
              executor: str = "local", scheduler: str | None = None, pictures: int = PICTURES,
              progress: str | bool | None = DEFAULT_MODE, gpu_from: str | None = "auto",
-             cache: str = DEFAULT_CACHE, save_ct: bool = False, device=None) -> list[ScanResult]:
+             cache: str = DEFAULT_CACHE, save_ct: bool = False, device=None,
+             volume_format: str = DEFAULT_VOLUME_FORMAT) -> list[ScanResult]:
     """Process ``scans``, then write the run-level files; returns one result per scan.
 
     Parameters
@@ -313,11 +315,15 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
         What each scan's ``scan.h5`` keeps (:mod:`pipeline.cache`).
     save_ct : bool
         Also write each scan's ``ct_1mm.nrrd``.
+    volume_format : {"nrrd", "nifti"}
+        Each scan's volumes as ``.nrrd`` or ``.nii.gz`` (:func:`pipeline.run.process_scan`);
+        recorded in ``run.json``.
     device : str, optional
         Where the stages that compute on a device run: ``"cpu"``, ``"cuda"``, ``"cuda:N"``;
         ``None`` or ``"auto"``: CUDA when torch sees a GPU, else the CPU.
     """
     check_cache_choice(cache)
+    volume_file("lung_mask", volume_format)  # an unknown format is refused before any scan
     if progress is None or isinstance(progress, bool):
         progress = {None: "auto", True: "bar", False: "log"}[progress]
     reporter = Reporter(progress)
@@ -326,7 +332,7 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
     _check_output_folder(out_dir)
     t0 = time.time()
     args = [(str(p), str(out_dir), config, force, pictures) for p in scans]
-    options = {"cache": cache, "save_ct": save_ct, "device": device}
+    options = {"cache": cache, "save_ct": save_ct, "device": device, "volume_format": volume_format}
     reporter.scans_bar(len(args))
     results: list[ScanResult] = []
 
@@ -337,7 +343,8 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
 
     # run.json: how the run ran; the device is where the device stages computed (resolved:
     # "cuda" when torch saw a GPU and --device was auto), for the record
-    info = {"workers": workers, "executor": executor, "cache": cache, "device": str(pick_device(device))}
+    info = {"workers": workers, "executor": executor, "cache": cache, "device": str(pick_device(device)),
+            "volume_format": volume_format}
     try:
         _execute(args, options, config, executor, scheduler, workers, gpu_from, device,
                  collect, reporter, worker_reporter)
@@ -443,7 +450,7 @@ def _versions() -> dict:
 
     out = {}
     for dist in ("lungscreen", "numpy", "scipy", "scikit-image", "pandas", "h5py", "pydicom",
-                 "SimpleITK", "torch", "pylibjpeg"):
+                 "SimpleITK", "nibabel", "torch", "pylibjpeg"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

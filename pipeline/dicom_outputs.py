@@ -267,8 +267,9 @@ def write_dicom_seg(lung_mask, ct, sources: list, path) -> Path:
     Parameters
     ----------
     lung_mask : stages.volume.Volume
-        uint8 labels (1 right lung, 2 left lung, 0 elsewhere) on any grid (the 1 mm one);
-        resampled onto ``ct``'s grid by nearest neighbour in world (LPS) coordinates.
+        uint8 labels (1 right lung, 2 left lung, 0 elsewhere) on ``ct``'s grid, or on any
+        other grid (the 1 mm one): then put on ``ct``'s by
+        :func:`pipeline.outputs.mask_on_native_grid` (nearest neighbour in world coordinates).
     ct : stages.volume.Volume
         The screened volume, whose slices are the source images.
     sources : list of pydicom.Dataset
@@ -285,9 +286,10 @@ def write_dicom_seg(lung_mask, ct, sources: list, path) -> Path:
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
 
-    from stages.resample import resample_like
+    from pipeline.outputs import mask_on_native_grid
 
-    labels_zyx = np.ascontiguousarray(resample_like(lung_mask, ct, order=0, device="cpu").array, np.uint8)
+    native = lung_mask if lung_mask.same_geometry(ct) else mask_on_native_grid(lung_mask, ct)
+    labels_zyx = np.ascontiguousarray(native.array, np.uint8)
     labels_zyx[(labels_zyx != RIGHT_LUNG) & (labels_zyx != LEFT_LUNG)] = 0
     name, version = _software()
     algorithm = hd.AlgorithmIdentificationSequence(

@@ -13,7 +13,7 @@ import numpy as np
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "write_volume", "write_csv", "write_json", "write_text"]
+__all__ = ["atomic_path", "write_volume", "nifti_affine", "write_csv", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -40,14 +40,20 @@ def atomic_path(path, *, suffix: str | None = None):
 
 
 def write_volume(vol, path, *, compress: bool = True) -> Path:
-    """Write a :class:`stages.volume.Volume` with SimpleITK (NRRD, MetaImage, NIfTI by suffix).
+    """Write a :class:`stages.volume.Volume`; the format follows the suffix.
 
-    Geometry is written in ITK's LPS convention, which 3D Slicer reads as is.  A MetaImage
-    (``.mhd``) gets its ``.raw`` beside it, both renamed into place.
+    NRRD (``.nrrd``), MetaImage (``.mhd``, ``.mha``) and the rest go through SimpleITK, their
+    geometry in ITK's LPS convention, which 3D Slicer reads as is; a MetaImage ``.mhd`` gets
+    its ``.raw`` beside it, both renamed into place.  NIfTI (``.nii``, ``.nii.gz``) goes
+    through nibabel (:func:`nifti_affine`: qform and sform both set, code 1 "scanner", RAS).
+    ``compress`` gzips NRRD and MetaImage data; a NIfTI is gzipped when its name ends in
+    ``.gz``.
     """
+    path = Path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        return _write_nifti(vol, path)
     import SimpleITK as sitk
 
-    path = Path(path)
     img = sitk.GetImageFromArray(np.ascontiguousarray(vol.array))
     spacing, origin, direction = vol.sitk_geometry()
     img.SetSpacing(spacing)
@@ -64,6 +70,48 @@ def write_volume(vol, path, *, compress: bool = True) -> Path:
         return path
     with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=compress)
+    return path
+
+
+#: NIfTI's code for coordinates aligned with the scanner (``NIFTI_XFORM_SCANNER_ANAT``).
+NIFTI_SCANNER = 1
+#: LPS (ITK, DICOM, :mod:`stages.volume`) to RAS (NIfTI): x and y change sign.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def nifti_affine(vol) -> np.ndarray:
+    """The 4x4 NIfTI affine of a Volume: voxel ``(i, j, k) = (x, y, z)`` index to RAS mm.
+
+    The NIfTI array is the Volume's transposed (``array.transpose(2, 1, 0)``, so ``i`` runs
+    along x); the LPS affine ``origin + direction @ (spacing * index)`` in ``(x, y, z)`` order
+    is then turned to RAS by negating its x and y rows.
+
+    Examples
+    --------
+    >>> from stages.volume import Volume
+    >>> vol = Volume(np.zeros((2, 3, 4), np.int16), spacing_mm=(2.5, 0.5, 0.7),
+    ...              origin_mm=(-100.0, 20.0, -30.0))
+    >>> nifti_affine(vol).round(3).tolist()
+    [[-0.7, 0.0, 0.0, 30.0], [0.0, -0.5, 0.0, -20.0], [0.0, 0.0, 2.5, -100.0], [0.0, 0.0, 0.0, 1.0]]
+    """
+    lps = np.eye(4)
+    lps[:3, :3] = vol.direction[::-1, ::-1] * np.asarray(vol.spacing_mm[::-1])[None, :]
+    lps[:3, 3] = vol.origin_mm[::-1]
+    return LPS_TO_RAS @ lps
+
+
+def _write_nifti(vol, path: Path) -> Path:
+    """NIfTI-1 through nibabel: qform and sform both :func:`nifti_affine` with code 1
+    (scanner), units mm, so nibabel, ITK (ITK-SNAP, SimpleITK, 3D Slicer) and FSL agree."""
+    import nibabel as nib
+
+    affine = nifti_affine(vol)
+    img = nib.Nifti1Image(vol.array.transpose(2, 1, 0), affine)
+    img.header.set_qform(affine, code=NIFTI_SCANNER)
+    img.header.set_sform(affine, code=NIFTI_SCANNER)
+    img.header.set_xyzt_units(xyz="mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
     return path
 
 

@@ -1,11 +1,20 @@
 """Run the configured stages on one scan and write its outputs.
 
 Outputs of a scan, in ``OUT_DIR/<scan_id>/`` (``scan_id``: SeriesInstanceUID for DICOM,
-the file stem otherwise), each written under a temporary name and renamed:
+the file stem otherwise), each written under a temporary name and renamed.  Volumes are NRRD
+(``.nrrd``, the default) or NIfTI (``.nii.gz``, ``volume_format="nifti"``, ``--format
+nifti``); the viewer files (:mod:`pipeline.outputs`) are written in either case:
 
 * ``lung_mask.nrrd``  uint8 labels (1 right lung, 2 left lung) at 1 mm, LPS geometry (3D
   Slicer overlays it on the original scan)
+* ``lung_mask.seg.nrrd`` the same labels as a 3D Slicer segmentation: segments "right lung"
+  and "left lung" with their colours and terminology
+* ``lung_mask_native.nrrd`` the same labels on the input scan's own grid (nearest
+  neighbour): its shape, spacing, origin and direction
 * ``candidates.csv``  LUNA16 columns (seriesuid, coordX, coordY, coordZ, ...) then features
+* ``candidates.mrk.json`` the rows of ``candidates.csv`` as 3D Slicer markups (LPS), one
+  control point per finding in rank order, labelled ``F01``, ``F02``... with the rank, the
+  probability, the diameter and the finding type in its description
 * ``preview.png``     three orthogonal slices with the lung mask and candidates drawn
 * ``candidate_NN.png`` three slices through each top candidate
 * ``scan.h5``         the stage cache (see :mod:`pipeline.cache`): by default every stage
@@ -18,6 +27,10 @@ the file stem otherwise), each written under a temporary name and renamed:
 Sizes on a 512x512x300 phantom (0.7 x 0.7 x 1 mm, noise 20 HU; 300x358x358 at 1 mm): the
 lung mask 0.4 MB, the pictures 0.3 MB each, ``scan.h5`` 0.4 MB, ``candidates.csv`` 0.04 MB;
 ``ct_1mm.nrrd`` 42 MB (gzip), which is why it is opt-in.
+
+A finished scan is skipped only when the files these settings write are all there: a rerun
+with another ``volume_format`` (or after an upgrade that adds an output) writes them from
+the stage cache, and removes the other format's volumes.
 """
 from __future__ import annotations
 
@@ -32,6 +45,8 @@ from pathlib import Path
 from pipeline.cache import (DEFAULT_CACHE, StageCache, caches_output, check_cache_choice, code_version,
                             stage_key)
 from pipeline.io import write_csv, write_json, write_volume
+from pipeline.outputs import (CSV_DECIMALS, DEFAULT_VOLUME_FORMAT, VOLUME_FORMATS, mask_on_native_grid,
+                              volume_file, write_markups, write_segmentation)
 from pipeline.progress import Reporter, scan_name
 from pipeline.steps import SERIES_MARK, get_step, module_files, split_source
 from stages.device import pick_device
@@ -42,8 +57,11 @@ __all__ = ["screen", "StageRunner", "process_scan", "ScanResult", "source_key", 
 
 #: ``candidate_NN.png`` pictures written per scan (process_scan, run_many, ``--pictures``).
 PICTURES = 5
-#: The optional CT output (``save_ct=True``, ``--save-ct``).
-CT_FILE = "ct_1mm.nrrd"
+#: The optional CT output (``save_ct=True``, ``--save-ct``), in the default volume format
+#: (:func:`pipeline.outputs.volume_file` gives the other's name).
+CT_FILE = volume_file("ct_1mm", DEFAULT_VOLUME_FORMAT)
+#: Stems of the volume outputs; their suffix follows the volume format.
+CT_STEM, MASK_STEM, NATIVE_MASK_STEM = "ct_1mm", "lung_mask", "lung_mask_native"
 
 
 @dataclass
@@ -205,12 +223,14 @@ class StageRunner:
 
 def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: int = PICTURES,
                  prepare_only: bool = False, cache: str = DEFAULT_CACHE, save_ct: bool = False,
-                 device=None, reporter: Reporter | None = None) -> ScanResult:
+                 device=None, reporter: Reporter | None = None,
+                 volume_format: str = DEFAULT_VOLUME_FORMAT) -> ScanResult:
     """Screen the scan at ``path`` (:func:`screen`) and write its outputs under ``out_dir``.
 
     Finished scans are not recomputed: ``OUT_DIR/.sources/<key>.json`` remembers which scan
-    id an input produced, and a scan whose ``scan.json`` holds the same stage keys is
-    skipped.  A stage whose key matches a result in ``scan.h5`` is loaded, not recomputed.
+    id an input produced, and a scan whose ``scan.json`` holds the same stage keys, and whose
+    folder holds every file these settings write, is skipped.  A stage whose key matches a
+    result in ``scan.h5`` is loaded, not recomputed.
 
     Parameters
     ----------
@@ -236,6 +256,12 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     save_ct : bool
         Also write ``ct_1mm.nrrd`` (int16 HU at 1 mm, about 40 MB for a 512x512x300
         scan); without it an older ``ct_1mm.nrrd`` is removed when the outputs are written.
+    volume_format : {"nrrd", "nifti"}
+        File format of the volumes (``lung_mask``, ``lung_mask_native``, ``ct_1mm``):
+        ``.nrrd`` or ``.nii.gz`` (NIfTI-1, qform and sform in scanner RAS, read aligned by
+        nibabel and ITK-SNAP).  ``lung_mask.seg.nrrd`` and ``candidates.mrk.json`` are 3D
+        Slicer's formats and are written with either.  Default
+        :data:`pipeline.outputs.DEFAULT_VOLUME_FORMAT` (``--format``'s default too).
     device : str or torch.device, optional
         Chosen once here (:func:`stages.device.pick_device`) and passed to the stages that
         compute on one; ``None``: CUDA when torch sees a GPU, else the CPU.
@@ -248,9 +274,11 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     stages.errors.ScanError
         The input is bad (the message names the file and the reason).
     ValueError
-        ``cache`` is not one of :data:`pipeline.cache.CACHE_CHOICES`.
+        ``cache`` is not one of :data:`pipeline.cache.CACHE_CHOICES`, or ``volume_format``
+        not one of :data:`pipeline.outputs.VOLUME_FORMATS`.
     """
     check_cache_choice(cache)
+    volume_file(MASK_STEM, volume_format)  # refuses an unknown format before any work
     out_dir = Path(out_dir)
     result = ScanResult(source=str(path))
     scan = scan_name(path)
@@ -263,8 +291,9 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     if not force and known.get("scan_id"):
         done = out_dir / known["scan_id"] / "scan.json"
         info = json.loads(done.read_text()) if done.exists() else {}
-        ct_written = (done.parent / CT_FILE).exists() or "ct_1mm" not in produced
-        if info.get("keys") == step_keys and (ct_written or not save_ct):
+        written = all((done.parent / name).exists()
+                      for name in _output_files(produced, save_ct=save_ct, volume_format=volume_format))
+        if info.get("keys") == step_keys and written:
             result.scan_id, result.status = known["scan_id"], "cached"
             result.n_candidates, result.out_dir = info.get("n_candidates", 0), str(done.parent)
             result.seconds, result.flags = info.get("seconds", {}), info.get("flags", [])
@@ -288,7 +317,7 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
         reporter.stage_started(scan, "write")
     t0 = time.perf_counter()
     result.flags += _write_outputs(scan_dir, values, pictures=pictures, save_ct=save_ct,
-                                   outputs=config.get("outputs") or {})
+                                   volume_format=volume_format, outputs=config.get("outputs") or {})
     result.seconds["write"] = round(time.perf_counter() - t0, 3)
     if reporter is not None:
         reporter.stage_done(scan, "write", result.seconds["write"])
@@ -305,26 +334,55 @@ def _trim_cache(store: StageCache, cache: str) -> None:
     store.drop([name for name in store.keys() if not caches_output(name.split(".", 1)[-1], cache)])
 
 
+def _output_files(produced: set, *, save_ct: bool, volume_format: str) -> list[str]:
+    """Names of the files :func:`_write_outputs` writes for a scan whose stages made the
+    values named in ``produced`` (pictures and ``scan.h5`` aside)."""
+    names = []
+    if "lung_mask" in produced:
+        names += [volume_file(MASK_STEM, volume_format), "lung_mask.seg.nrrd"]
+        if "ct" in produced:
+            names.append(volume_file(NATIVE_MASK_STEM, volume_format))
+    if "candidates" in produced:
+        names += ["candidates.csv", "candidates.mrk.json"]
+    if save_ct and "ct_1mm" in produced:
+        names.append(volume_file(CT_STEM, volume_format))
+    return names
+
+
 def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool,
-                   outputs: dict) -> list[str]:
-    """Write the scan's outputs; return flags about them (``outputs``: the config's section)."""
+                   volume_format: str = DEFAULT_VOLUME_FORMAT, outputs: dict | None = None) -> list[str]:
+    """Write a scan's outputs (the module's list) from the stage ``values``; remove what an
+    earlier run with other settings left (a CT not asked for, the other format's volumes).
+    Returns flags about them (``outputs``: the config's section, for the DICOM SEG and SR)."""
     from pipeline.dicom_outputs import write_dicom_outputs
     from pipeline.preview import save_candidate_pictures, save_preview
 
     scan_dir.mkdir(parents=True, exist_ok=True)
     ct = values.get("ct_1mm", values.get("ct"))
     mask, cands = values.get("lung_mask"), values.get("candidates")
+    keep = set(_output_files(set(values), save_ct=save_ct, volume_format=volume_format))
+    for stem in (CT_STEM, MASK_STEM, NATIVE_MASK_STEM):
+        for fmt in VOLUME_FORMATS:
+            old = scan_dir / volume_file(stem, fmt)
+            if old.name not in keep and old.exists():  # an earlier run's, maybe from other settings
+                os.unlink(old)
     if save_ct and "ct_1mm" in values:
-        write_volume(values["ct_1mm"], scan_dir / CT_FILE)
-    elif (scan_dir / CT_FILE).exists():  # an earlier run's, maybe from other settings
-        os.unlink(scan_dir / CT_FILE)
+        write_volume(values["ct_1mm"], scan_dir / volume_file(CT_STEM, volume_format))
+    native = None
     if mask is not None:
-        write_volume(mask, scan_dir / "lung_mask.nrrd")
+        write_volume(mask, scan_dir / volume_file(MASK_STEM, volume_format))
+        write_segmentation(mask, scan_dir / "lung_mask.seg.nrrd")
+        if values.get("ct") is not None:
+            native = mask_on_native_grid(mask, values["ct"])
+            write_volume(native, scan_dir / volume_file(NATIVE_MASK_STEM, volume_format))
     if cands is not None:
-        write_csv(cands, scan_dir / "candidates.csv", float_format="%.4f")
+        write_csv(cands, scan_dir / "candidates.csv", float_format=f"%.{CSV_DECIMALS}f")
+        write_markups(cands, scan_dir / "candidates.mrk.json")
     save_preview(ct, scan_dir / "preview.png", mask=mask, candidates=cands)
     for old in scan_dir.glob("candidate_*.png"):
         os.unlink(old)
     if cands is not None and pictures:
         save_candidate_pictures(ct, cands.head(pictures), scan_dir, mask=mask)
-    return write_dicom_outputs(scan_dir, values, **outputs)  # DICOM inputs: SEG and SR
+    # DICOM inputs: SEG (of the mask on the source grid, made once above) and SR
+    return write_dicom_outputs(scan_dir, {**values, "lung_mask": native if native is not None else mask},
+                               **(outputs or {}))
