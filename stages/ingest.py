@@ -509,7 +509,7 @@ class _PixelReader:
             ds.get("PixelData")  # parsed lazily: a damaged element (its VR, its length) fails here
         except Exception as exc:
             raise _Skip(f"unreadable file ({_first_line(exc)})") from None
-        if "PixelData" not in ds:
+        if not ds.get("PixelData"):  # absent, or present and empty
             raise _Skip("truncated file or no pixel data: no (7FE0,0010) Pixel Data")
         n_frames = int(_number(ds.get("NumberOfFrames"), 1) or 1)
         syntax = ds.file_meta.get("TransferSyntaxUID")
