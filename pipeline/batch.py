@@ -107,7 +107,8 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def discover_scans(source, *, limit: int | None = None, only: list[str] | None = None) -> list[Path]:
+def discover_scans(source, *, limit: int | None = None, only: list[str] | None = None,
+                   _chain: tuple = ()) -> list[Path]:
     """Every scan under ``source``, sorted, each once.
 
     ``source`` may be one DICOM series folder, a folder of patient folders (Kaggle DSB 2017),
@@ -127,6 +128,9 @@ def discover_scans(source, *, limit: int | None = None, only: list[str] | None =
         Keep only the first ``limit`` scans.
     only : list of str, optional
         Keep scans whose path contains one of these strings (e.g. a seriesuid or patient folder).
+    _chain : tuple
+        Internal: the list files being read, so that a list naming itself (directly or through
+        another list) is read once.
 
     Raises
     ------
@@ -134,35 +138,68 @@ def discover_scans(source, *, limit: int | None = None, only: list[str] | None =
         ``source`` does not exist.
     """
     source = Path(source)
-    if not source.exists():
+    if not _exists(source):
         raise ScanError(source, "no such file or folder")
     found: list[Path] = []
     if source.is_file():
         if _suffix(source) in (".txt", ".lst"):
-            for line in source.read_text().splitlines():
-                line = re.sub(r"#(?!series=).*", "", line).strip()  # a comment, not a series mark
-                if line:
-                    entry = Path(line) if Path(line).is_absolute() else source.parent / line
-                    if split_source(entry)[1] is not None:  # FOLDER#series=UID: that series
-                        found.append(entry)
-                        continue
-                    # an entry that is missing or holds no scan is handed on as it is: it fails
-                    # alone, with its reason in errors.csv, and the rest run
-                    found.extend((discover_scans(entry) if entry.exists() else []) or [entry])
+            found.extend(_read_list(source, _chain))
         else:
             found.append(source)
-    else:
+    elif source.is_dir():
         found.extend(_walk(source))
+    else:
+        found.append(source)  # a device or pipe: handed on, it fails alone
     seen, scans = set(), []
     for p in found:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
+        if _key(p) not in seen:
+            seen.add(_key(p))
             scans.append(p)
     if only:
         def rel(p: Path) -> str:
             return str(p.relative_to(source)) if source.is_dir() and p.is_relative_to(source) else str(p)
         scans = [p for p in scans if any(o in rel(p) for o in only)]
     return scans[:limit] if limit else scans
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``; False for a name the file system refuses (too long, a NUL byte)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _key(path: Path):
+    """What tells two listed paths apart: the resolved path, or the path itself when it cannot
+    be resolved (a NUL byte, a symlink loop)."""
+    try:
+        return path.resolve()
+    except (OSError, ValueError, RuntimeError):
+        return path
+
+
+def _read_list(path: Path, chain: tuple) -> list[Path]:
+    """The scans a list file names, one path a line (relative to the list; ``FOLDER#series=UID``
+    names one series of a folder), ``#`` comments; any
+    bytes are taken (undecodable ones become U+FFFD).  A list among ``chain`` (the lists
+    being read, which name this one) is not read again."""
+    chain = chain + (_key(path),)
+    found: list[Path] = []
+    for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
+        line = re.sub(r"#(?!series=).*", "", line).strip()  # a comment, not a series mark
+        if not line:
+            continue
+        entry = Path(line) if Path(line).is_absolute() else path.parent / line
+        if split_source(entry)[1] is not None:  # FOLDER#series=UID: that series
+            found.append(entry)
+            continue
+        if _key(entry) in chain:
+            continue  # a list naming itself, or a list that names it
+        # an entry that is missing or holds no scan is handed on as it is: it fails
+        # alone, with its reason in errors.csv, and the rest run
+        found.extend((discover_scans(entry, _chain=chain) if _exists(entry) else []) or [entry])
+    return found
 
 
 def _walk(folder: Path, *, top: bool = True) -> list[Path]:

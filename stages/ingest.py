@@ -198,7 +198,11 @@ def read_scan(path, series_uid: str | None = None, *, max_voxels: int = MAX_VOXE
     hu_opts = {"clip_hu": tuple(clip_hu), "air_hu": int(air_hu)}
     to_hounsfield(np.zeros((1, 1), np.int16), **hu_opts)  # check the HU options up front
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name the file system refuses (too long)
+        raise ScanError(path, f"no such file or folder ({(exc.strerror or 'bad name').lower()})") from None
+    if not exists:
         raise ScanError(path, "no such file or folder")
     if path.is_dir():
         files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: str(p))
@@ -225,18 +229,22 @@ def _read_sitk(path: Path, max_voxels: int, hu_opts: dict) -> Volume:
     import SimpleITK as sitk
 
     fmt = path.name[len(_scan_stem(path)) + 1:].lower()  # "mhd", "nii.gz"...
+    if fmt in ("mhd", "mha"):
+        _check_metaimage_ndims(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise ScanError(path, f"unreadable {fmt} file ({_first_line(exc)})") from None
+        raise ScanError(path, f"unreadable {fmt} file ({_sitk_reason(exc)})") from None
     size = reader.GetSize()
     if len(size) != 3:
         raise ScanError(path, f"image has {len(size)} dimensions, a CT volume needs 3")
     if reader.GetNumberOfComponents() != 1:
         raise ScanError(path, f"image has {reader.GetNumberOfComponents()} components per voxel, CT has 1")
     n_voxels = math.prod(size)
+    if n_voxels == 0:  # SimpleITK would spin on the other sizes, or return an empty array
+        raise ScanError(path, f"header says {size[0]}x{size[1]}x{size[2]} voxels: an empty image")
     if n_voxels > max_voxels:
         raise ScanError(path, f"header says {size[0]}x{size[1]}x{size[2]} = {n_voxels} voxels, "
                               f"more than max_voxels={max_voxels}")
@@ -247,7 +255,7 @@ def _read_sitk(path: Path, max_voxels: int, hu_opts: dict) -> Volume:
     try:
         img = reader.Execute()
     except RuntimeError as exc:
-        raise ScanError(path, f"unreadable {fmt} file, truncated or missing data ({_first_line(exc)})") from None
+        raise ScanError(path, f"unreadable {fmt} file, truncated or missing data ({_sitk_reason(exc)})") from None
     stored = sitk.GetArrayFromImage(img)
     if stored.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(stored)))
@@ -263,6 +271,40 @@ def _read_sitk(path: Path, max_voxels: int, hu_opts: dict) -> Volume:
                                          scan_id=_scan_stem(path), meta=meta)
     except ValueError as exc:
         raise ScanError(path, f"unusable geometry in header ({exc})") from None
+
+
+def _sitk_reason(exc: BaseException) -> str:
+    """SimpleITK's complaint in plain words: its messages name C++ source files and ITK
+    classes, which say nothing to a user.  NRRD's last specific complaint is kept as is."""
+    text = str(exc)
+    nrrd = [line.split(": ", 1)[-1] for line in text.splitlines()
+            if line.startswith("[nrrd]") and "trouble" not in line]
+    if nrrd:
+        return nrrd[-1].strip()[:160]
+    for needle, reason in _SITK_REASONS:
+        if needle in text:
+            return reason
+    return "the reader gave no reason"
+
+
+#: SimpleITK message fragment -> the reason given to the user.
+_SITK_REASONS = (("Unable to determine ImageIO reader", "header not recognised"),
+                 ("not recognized as a NIFTI", "header not recognised"),
+                 ("Unknown PixelType", "unknown voxel type"),
+                 ("File cannot be read", "header cannot be parsed"))
+
+
+def _check_metaimage_ndims(path: Path) -> None:
+    """Refuse a MetaImage whose header's NDims is not 3 before SimpleITK reads it: its MetaIO
+    parser corrupts memory (a crash, not an error) on NDims above 10 or below 1."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("latin-1")  # the header; an .mha's pixels follow it
+    for line in head.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            break
+        if key.strip() == "NDims" and _number(value.split()[0] if value.split() else None) != 3:
+            raise ScanError(path, f"header says NDims = {value.strip()[:20]}, a CT volume has 3 dimensions")
 
 
 def _check_metaimage_data(path: Path, n_voxels: int, pixel_id: int) -> None:
@@ -512,17 +554,21 @@ class _PixelReader:
             return self._frames[sl.frame]
         try:
             ds = _dcmread(sl.path)
+            ds.get("PixelData")  # parsed lazily: a damaged element (its VR, its length) fails here
         except Exception as exc:
             raise _Skip(f"unreadable file ({_first_line(exc)})") from None
-        if "PixelData" not in ds:
+        if not ds.get("PixelData"):  # absent, or present and empty
             raise _Skip("truncated file or no pixel data: no (7FE0,0010) Pixel Data")
         n_frames = int(_number(ds.get("NumberOfFrames"), 1) or 1)
         syntax = ds.file_meta.get("TransferSyntaxUID")
-        if syntax is None or not syntax.is_transfer_syntax:
+        if syntax is None or not getattr(syntax, "is_transfer_syntax", False):  # or several values
             raise _Skip(f"unknown transfer syntax {syntax or '(none given)'}: the pixel data's "
                         "encoding is not one DICOM defines, so it cannot be decoded")
+        bits_allocated = int(_number(ds.get("BitsAllocated"), 0))
+        if bits_allocated <= 0:
+            raise _Skip("no usable (0028,0100) Bits Allocated: the size of a pixel is unknown")
         if not syntax.is_compressed:
-            expected = sl.rows * sl.cols * n_frames * int(ds.BitsAllocated) // 8
+            expected = sl.rows * sl.cols * n_frames * bits_allocated // 8
             if len(ds.PixelData) < expected:
                 raise _Skip(f"truncated file: pixel data has {len(ds.PixelData)} of {expected} bytes")
         try:
@@ -724,7 +770,7 @@ def _read_dicom(path: Path, files: list[Path], series_uid: str | None, max_voxel
 def _is_compressed(sl: _Slice) -> bool:
     meta = getattr(sl.header, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    return bool(syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed)
+    return bool(getattr(syntax, "is_transfer_syntax", False) and syntax.is_compressed)
 
 
 #: A decoded slice is garbled when its mean absolute difference to each of its neighbours
