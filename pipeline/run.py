@@ -8,6 +8,8 @@ the file stem otherwise), each written under a temporary name and renamed:
 * ``candidates.csv``  LUNA16 columns (seriesuid, coordX, coordY, coordZ, ...) then features
 * ``preview.png``     three orthogonal slices with the lung mask and candidates drawn
 * ``candidate_NN.png`` three slices through each top candidate
+* ``finding_NN.jpg``  each top candidate zoomed (60 mm) beside its whole source slice, and
+  ``findings.json`` their facts and source slice numbers (:func:`pipeline.preview.save_finding_pictures`)
 * ``scan.h5``         the stage cache (see :mod:`pipeline.cache`): by default every stage
   result but the CT volumes; ``cache="all"`` keeps those too, ``"none"`` leaves no file
 * ``ct_1mm.nrrd``     only with ``save_ct=True``: int16 HU at 1 mm on the lung mask's grid
@@ -300,7 +302,7 @@ def _trim_cache(store: StageCache, cache: str) -> None:
 
 
 def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool) -> None:
-    from pipeline.preview import save_candidate_pictures, save_preview
+    from pipeline.preview import save_candidate_pictures, save_finding_pictures, save_preview
 
     scan_dir.mkdir(parents=True, exist_ok=True)
     ct = values.get("ct_1mm", values.get("ct"))
@@ -318,3 +320,5 @@ def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool
         os.unlink(old)
     if cands is not None and pictures:
         save_candidate_pictures(ct, cands.head(pictures), scan_dir, mask=mask)
+    save_finding_pictures(values.get("ct", ct), None if cands is None else cands.head(pictures), scan_dir,
+                          mask=mask)
