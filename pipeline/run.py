@@ -17,6 +17,8 @@ nifti``); the viewer files (:mod:`pipeline.outputs`) are written in either case:
   probability, the diameter and the finding type in its description
 * ``preview.png``     three orthogonal slices with the lung mask and candidates drawn
 * ``candidate_NN.png`` three slices through each top candidate
+* ``finding_NN.jpg``  each top candidate zoomed (60 mm) beside its whole source slice, and
+  ``findings.json`` their facts and source slice numbers (:func:`pipeline.preview.save_finding_pictures`)
 * ``scan.h5``         the stage cache (see :mod:`pipeline.cache`): by default every stage
   result but the CT volumes; ``cache="all"`` keeps those too, ``"none"`` leaves no file
 * ``ct_1mm.nrrd``     only with ``save_ct=True``: int16 HU at 1 mm on the lung mask's grid
@@ -355,7 +357,7 @@ def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool
     earlier run with other settings left (a CT not asked for, the other format's volumes).
     Returns flags about them (``outputs``: the config's section, for the DICOM SEG and SR)."""
     from pipeline.dicom_outputs import write_dicom_outputs
-    from pipeline.preview import save_candidate_pictures, save_preview
+    from pipeline.preview import save_candidate_pictures, save_finding_pictures, save_preview
 
     scan_dir.mkdir(parents=True, exist_ok=True)
     ct = values.get("ct_1mm", values.get("ct"))
@@ -383,6 +385,8 @@ def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool
         os.unlink(old)
     if cands is not None and pictures:
         save_candidate_pictures(ct, cands.head(pictures), scan_dir, mask=mask)
+    save_finding_pictures(values.get("ct", ct), None if cands is None else cands.head(pictures), scan_dir,
+                          mask=mask)
     # DICOM inputs: SEG (of the mask on the source grid, made once above) and SR
     return write_dicom_outputs(scan_dir, {**values, "lung_mask": native if native is not None else mask},
                                **(outputs or {}))

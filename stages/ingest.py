@@ -63,7 +63,9 @@ read).  In a folder, bad files are skipped and listed in ``meta["skipped"]`` as
 only when no CT series remains.
 
 ``meta`` holds modality, manufacturer, kernel, slice thickness, series description, number
-of slices and the skipped list; never patient name, ID, birth date or accession number.
+of slices and the skipped list (DICOM: each slice's position along the slice normal, mm, and
+(0020,0013) *Instance Number*, in slice order); never patient name, ID, birth date or
+accession number.
 """
 from __future__ import annotations
 
@@ -762,6 +764,10 @@ def _read_dicom(path: Path, files: list[Path], series_uid: str | None, max_voxel
         "repaired_slices": repaired,
         "other_series": _describe(other),
         "z_resampled": z_resampled,
+        # every slice of the series in order (repaired ones too): where a finding lies in it
+        "slice_positions_mm": [round(float(s.ipp_xyz @ normal), 4) for s in slices],
+        "instance_numbers": [None if (n := _number(s.header.get("InstanceNumber"))) is None else int(n)
+                             for s in slices],
     }
     return Volume(hu, spacing_mm=(dz, first.pixel_spacing[0], first.pixel_spacing[1]),
                   origin_mm=tuple(first.ipp_xyz[::-1]), direction=direction, scan_id=uid, meta=meta)
