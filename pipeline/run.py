@@ -298,7 +298,8 @@ def _process_locked(path, out_dir: Path, config: dict, src_key: str, step_keys: 
         result.status = "prepared"
         return result
 
-    with hold(lock_path(out_dir, f"scan-{scan_id}")):  # another input of the same series
+    waiting = (lambda: reporter.scan_waiting(scan)) if reporter is not None else None
+    with hold(lock_path(out_dir, f"scan-{scan_id}"), on_wait=waiting):  # another input, same series
         if reporter is not None:
             reporter.stage_started(scan, "write")
         t0 = time.perf_counter()

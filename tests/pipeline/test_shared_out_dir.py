@@ -135,15 +135,23 @@ def test_overlapping_runs_at_once_finish_every_scan(scans, tmp_path):
 
 
 def test_a_run_goes_round_a_scan_another_holds_and_comes_back_to_it(scans, tmp_path):
-    """A scan held by another process is set aside, the others are screened, then the run
-    says it waits, and finishes the scan once the holder lets go."""
+    """A scan held by another process is set aside and the others screened; a series whose
+    outputs another process is writing (another input of it) waits to be written; the run
+    says when it waits, and finishes each once the holder lets go."""
     tree, _, uids = scans
     out, log = tmp_path / "out", tmp_path / "run.log"
     with hold(lock_path(out, source_key(tree / "patient000"))):  # as another run would
-        proc = _start(_args(scans, out, (0, 1)), log)
+        with hold(lock_path(out, f"scan-{uids['patient001']}")):
+            proc = _start(_args(scans, out, (0, 1)), log)
+            _wait_for("patient001: waiting for another run", log, proc)
+            text = log.read_text()
+            assert "patient000: another run on this output folder is screening it" in text
+            assert "patient001: candidates done" in text and "patient001: write started" not in text
+            time.sleep(0.5)
+            assert proc.poll() is None  # nothing written yet but the stage cache:
+            assert [p.name for p in (out / uids["patient001"]).iterdir()] == ["scan.h5"]
         _wait_for("patient000: waiting for another run", log, proc)
         text = log.read_text()
-        assert "patient000: another run on this output folder is screening it" in text
         assert " patient001: ok in " in text and " patient000: ok in " not in text
         time.sleep(0.5)
         assert proc.poll() is None  # still waiting
