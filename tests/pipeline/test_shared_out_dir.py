@@ -182,3 +182,25 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(scans, tmp_path):
     assert sorted(p.name for p in (out / LOCK_DIR).iterdir()) == sorted(
         [f"{source_key(tree / 'patient000')}.lock", f"scan-{uids['patient000']}.lock", "run.lock"])
     _check_outputs(out, [uids["patient000"]])
+
+
+def test_a_file_system_without_locks_warns_once_and_runs_on(tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+
+    import pipeline.locks as locks
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(locks.fcntl, "flock", refuse)
+    monkeypatch.setattr(locks, "_warned_no_locks", False)
+    entered = 0
+    with caplog.at_level(logging.WARNING, logger="pipeline.locks"):
+        for name in ("a", "b"):
+            with hold(lock_path(tmp_path, name), wait=False):
+                entered += 1
+    assert entered == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: the file system refuses file locks (no locks available); runs sharing "
+        "this output folder are not kept apart"]
