@@ -54,12 +54,29 @@ def _args(scans, out: Path, which) -> list[str]:
     return ["run", str(tree), "--out", str(out), "--config", str(config), "--pictures", "0", *only]
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_runs_left_behind():
+    """A test that fails while its runs go on kills them (by pid) rather than leave them."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _start(args, log: Path) -> subprocess.Popen:
     """``python -m pipeline ARGS`` with one progress line per event on ``log``; one thread
     each, as the runs share the machine's cores."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--no-progress"], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--no-progress"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    _started.append(proc)
+    return proc
 
 
 def _wait_for(text: str, log: Path, proc: subprocess.Popen) -> None:
