@@ -4,6 +4,16 @@ the all-scans ``candidates.csv``, ``run.json`` and ``report.html``.
 One bad scan never stops a run: its error (file and reason, one line) goes to
 ``OUT_DIR/errors.csv`` and the run goes on.  Run-level files are rebuilt from the per-scan
 outputs at the end, sorted, so a resumed run writes byte-identical CSVs.
+
+Runs may share an output folder (two ``make run`` on one ``OUT_DIR``, same or overlapping
+scans): each scan is screened once, under a lock (:mod:`pipeline.locks`,
+:func:`pipeline.run.process_scan`).  A run that finds a scan held by another goes on with its
+other scans and comes back to it at the end, waiting if need be (a progress line says so), and
+then takes the other run's outputs (``cached``).  The run-level files are written under a lock
+of the folder, all four by one run at a time, each holding exactly that run's scans: the
+run that finishes last leaves its own.  Two runs over the same scans leave the CSVs one run
+alone would.  ``flock`` needs a file system that supports it (see :mod:`pipeline.locks` for NFS
+and Dask workers on several machines).
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ import pandas as pd
 from pipeline.cache import DEFAULT_CACHE, check_cache_choice
 from pipeline.config import effective_settings
 from pipeline.io import write_csv, write_json
+from pipeline.locks import hold, lock_path
 from pipeline.outputs import DEFAULT_VOLUME_FORMAT, volume_file
 from pipeline.progress import DEFAULT_MODE, Reporter
 from pipeline.run import PICTURES, ScanResult, process_scan
@@ -260,13 +271,15 @@ def _first_series_uid(folder: Path) -> str | None:
 
 
 def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DEFAULT_CACHE,
-         save_ct=False, device=None, reporter=None, volume_format=DEFAULT_VOLUME_FORMAT) -> ScanResult:
-    """Process one scan; turn any failure into a one-line error (never raises)."""
+         save_ct=False, device=None, reporter=None, volume_format=DEFAULT_VOLUME_FORMAT,
+         wait=True) -> ScanResult:
+    """Process one scan; turn any failure into a one-line error (never raises, but for a full
+    output folder).  ``wait=False``: status ``"busy"`` when another run holds the scan."""
     logging.basicConfig(level=logging.WARNING)
     try:
         result = process_scan(path, out_dir, config, force=force, pictures=pictures,
                               prepare_only=prepare_only, cache=cache, save_ct=save_ct,
-                              device=device, reporter=reporter, volume_format=volume_format)
+                              device=device, reporter=reporter, volume_format=volume_format, wait=wait)
     except ScanError as exc:
         result = ScanResult(source=str(path), status="failed", error=exc.reason)
     except MemoryError:
@@ -358,6 +371,11 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
     device : str, optional
         Where the stages that compute on a device run: ``"cpu"``, ``"cuda"``, ``"cuda:N"``;
         ``None`` or ``"auto"``: CUDA when torch sees a GPU, else the CPU.
+
+    Notes
+    -----
+    Another run may share ``out_dir``: a scan it holds is set aside and screened (or found
+    done) after the others, waiting for that run if need be (see the module docstring).
     """
     check_cache_choice(cache)
     volume_file("lung_mask", volume_format)  # an unknown format is refused before any scan
@@ -372,8 +390,13 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
     options = {"cache": cache, "save_ct": save_ct, "device": device, "volume_format": volume_format}
     reporter.scans_bar(len(args))
     results: list[ScanResult] = []
+    busy: set[str] = set()  # held by another run on out_dir: set aside, screened last
 
     def collect(res: ScanResult):
+        if res.status == "busy":
+            busy.add(res.source)
+            reporter.scan_deferred(Path(res.source).name)
+            return
         results.append(res)
         reporter.scan_done(res, len(results), len(args))  # a failure's reason: errors.csv and
         # the command's summary (pipeline.__main__), once each
@@ -383,8 +406,11 @@ def run_many(scans: list[Path], out_dir, config: dict, *, workers: int = 1, forc
     info = {"workers": workers, "executor": executor, "cache": cache, "device": str(pick_device(device)),
             "volume_format": volume_format}
     try:
-        _execute(args, options, config, executor, scheduler, workers, gpu_from, device,
-                 collect, reporter, worker_reporter)
+        _execute(args, {**options, "wait": False}, config, executor, scheduler, workers, gpu_from,
+                 device, collect, reporter, worker_reporter)
+        if busy:  # now wait for the other run where it still holds them
+            _execute([a for a in args if a[0] in busy], {**options, "wait": True}, config, executor,
+                     scheduler, workers, gpu_from, device, collect, reporter, worker_reporter)
     except KeyboardInterrupt:
         reporter.close()
         results.sort(key=lambda r: r.source)
@@ -436,7 +462,7 @@ def _execute(args, options, config, executor, scheduler, workers, gpu_from, devi
                 for fut in cf.as_completed(futs):
                     res = fut.result()
                     prep.update(1)
-                    if res.status == "failed":
+                    if res.status in ("failed", "busy"):
                         collect(res)
                     else:
                         prepared[res.source] = (futs[fut], res)
@@ -459,7 +485,14 @@ def _execute(args, options, config, executor, scheduler, workers, gpu_from, devi
 
 
 def write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **run_info) -> None:
-    """``candidates.csv`` (all scans), ``errors.csv``, ``run.json`` and ``report.html``."""
+    """``candidates.csv`` (all scans), ``errors.csv``, ``run.json`` and ``report.html``, each
+    written atomically, all four under the folder's run lock (another run on ``out_dir``
+    writes its own before or after, never between)."""
+    with hold(lock_path(out_dir, "run")):
+        _write_run_files(Path(out_dir), results, config, **run_info)
+
+
+def _write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **run_info) -> None:
     from pipeline.report import write_report
 
     frames = []

@@ -8,8 +8,9 @@ One :class:`Reporter` serves a run (:func:`pipeline.batch.run_many`) and the sca
   and an ETA;
 * ``"log"``: lines on stderr, each flushed at once, prefixed with the time and the scan's
   name: one when a stage starts, one when it ends (with its seconds) or is loaded from the
-  cache, one when a scan is finished, and inside a stage that counts its work a progress
-  line at most every :data:`LOG_EVERY_S` seconds with the counts and an ETA::
+  cache, one when a scan is finished (or set aside, or waited for, while another run on the
+  output folder holds it), and inside a stage that counts its work a progress line at most
+  every :data:`LOG_EVERY_S` seconds with the counts and an ETA::
 
       08:41:02 lung1: classify started
       08:41:12 lung1: classify 400/1000 cubes, ETA 15 s
@@ -146,6 +147,17 @@ class Reporter:
         if result.status != "failed" and getattr(result, "flags", None):
             what += " (flagged: " + "; ".join(f.split(":", 1)[0] for f in result.flags) + ")"
         self.line(name, f"{what} [{done}/{total} scans]")
+
+    def scan_waiting(self, scan: str) -> None:
+        """Another run on the output folder is screening ``scan``; this one waits for it."""
+        if self._bar is not None and not self._bar.disable:
+            self._bar.set_postfix_str(f"{scan}: waiting for another run"[:60])
+        self.line(scan, "waiting for another run on this output folder to finish this scan")
+
+    def scan_deferred(self, scan: str) -> None:
+        """Another run is screening ``scan``: this one goes on and comes back to it last."""
+        self.line(scan, "another run on this output folder is screening it; back to it "
+                        "after the other scans")
 
     def close(self) -> None:
         """Close the bars."""

@@ -26,6 +26,9 @@ nifti``); the viewer files (:mod:`pipeline.outputs`) are written in either case:
   and the findings as a DICOM SR, in the source series' study (:mod:`pipeline.dicom_outputs`)
 * ``scan.json``       written last: stage keys and timings; its presence means "done"
 
+Runs that share ``OUT_DIR`` screen each scan once: :func:`process_scan` holds a lock per scan
+(``OUT_DIR/.locks/``, :mod:`pipeline.locks`) from its look-up to its last write.
+
 Sizes on a 512x512x300 phantom (0.7 x 0.7 x 1 mm, noise 20 HU; 300x358x358 at 1 mm): the
 lung mask 0.4 MB, the pictures 0.3 MB each, ``scan.h5`` 0.4 MB, ``candidates.csv`` 0.04 MB;
 ``ct_1mm.nrrd`` 42 MB (gzip), which is why it is opt-in.
@@ -49,6 +52,7 @@ from pipeline.cache import (DEFAULT_CACHE, StageCache, caches_output, check_cach
 from pipeline.io import write_csv, write_json, write_volume
 from pipeline.outputs import (CSV_DECIMALS, DEFAULT_VOLUME_FORMAT, VOLUME_FORMATS, mask_on_native_grid,
                               volume_file, write_markups, write_segmentation)
+from pipeline.locks import Busy, hold, lock_path
 from pipeline.progress import Reporter, scan_name
 from pipeline.steps import SERIES_MARK, get_step, module_files, split_source
 from stages.device import pick_device
@@ -72,7 +76,7 @@ class ScanResult:
 
     source: str
     scan_id: str = ""
-    status: str = "ok"  # ok | cached | failed
+    status: str = "ok"  # ok | cached | failed | prepared | busy (another run holds it)
     error: str = ""
     seconds: dict = field(default_factory=dict)
     n_candidates: int = 0
@@ -226,13 +230,20 @@ class StageRunner:
 def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: int = PICTURES,
                  prepare_only: bool = False, cache: str = DEFAULT_CACHE, save_ct: bool = False,
                  device=None, reporter: Reporter | None = None,
-                 volume_format: str = DEFAULT_VOLUME_FORMAT) -> ScanResult:
+                 volume_format: str = DEFAULT_VOLUME_FORMAT, wait: bool = True) -> ScanResult:
     """Screen the scan at ``path`` (:func:`screen`) and write its outputs under ``out_dir``.
 
     Finished scans are not recomputed: ``OUT_DIR/.sources/<key>.json`` remembers which scan
     id an input produced, and a scan whose ``scan.json`` holds the same stage keys, and whose
     folder holds every file these settings write, is skipped.  A stage whose key matches a
     result in ``scan.h5`` is loaded, not recomputed.
+
+    Runs sharing ``out_dir`` are kept apart (:mod:`pipeline.locks`): the whole look-up,
+    screen and write happen under an exclusive lock on ``OUT_DIR/.locks/<key>.lock``, so a
+    second run that reaches the scan meanwhile waits (``wait``) and then finds it done
+    (``cached``); the outputs are written under a second lock named after the scan id, so
+    two inputs holding one series never mix their files in ``OUT_DIR/<scan_id>/`` (the
+    last one's stay).
 
     Parameters
     ----------
@@ -270,6 +281,10 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     reporter : Reporter, optional
         Told when each stage starts, ends or is loaded from the cache, and given to the
         stages that count their work (:attr:`pipeline.steps.Step.progress_unit`).
+    wait : bool
+        When another process (another run on ``out_dir``) holds this scan: wait for it (the
+        reporter says so) and then use what it wrote, or, with False, return at once a
+        result with status ``"busy"`` (:func:`pipeline.batch.run_many` comes back to it).
 
     Raises
     ------
@@ -282,10 +297,30 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
     check_cache_choice(cache)
     volume_file(MASK_STEM, volume_format)  # refuses an unknown format before any work
     out_dir = Path(out_dir)
-    result = ScanResult(source=str(path))
     scan = scan_name(path)
     src_key = source_key(path)
     step_keys = _step_keys(config, src_key)
+
+    def waiting():
+        if reporter is not None:
+            reporter.scan_waiting(scan)
+
+    try:
+        with hold(lock_path(out_dir, src_key), wait=wait, on_wait=waiting):
+            return _process_locked(path, out_dir, config, src_key, step_keys, force=force,
+                                   pictures=pictures, prepare_only=prepare_only, cache=cache,
+                                   save_ct=save_ct, device=device, reporter=reporter,
+                                   volume_format=volume_format)
+    except Busy:
+        return ScanResult(source=str(path), status="busy")
+
+
+def _process_locked(path, out_dir: Path, config: dict, src_key: str, step_keys: dict, *,
+                    force, pictures, prepare_only, cache, save_ct, device, reporter,
+                    volume_format) -> ScanResult:
+    """:func:`process_scan`'s work, done while it holds the scan's lock."""
+    result = ScanResult(source=str(path))
+    scan = scan_name(path)
     index_file = out_dir / ".sources" / f"{src_key}.json"
     known = json.loads(index_file.read_text()) if index_file.exists() else {}
     produced = {out for name in config["stages"] for out in get_step(name).outputs}
@@ -315,19 +350,23 @@ def process_scan(path, out_dir, config: dict, *, force: bool = False, pictures: 
         result.status = "prepared"
         return result
 
-    if reporter is not None:
-        reporter.stage_started(scan, "write")
-    t0 = time.perf_counter()
-    result.flags += _write_outputs(scan_dir, values, pictures=pictures, save_ct=save_ct,
-                                   volume_format=volume_format, outputs=config.get("outputs") or {})
-    result.seconds["write"] = round(time.perf_counter() - t0, 3)
-    if reporter is not None:
-        reporter.stage_done(scan, "write", result.seconds["write"])
-    cands = values.get("candidates")
-    result.n_candidates = 0 if cands is None else len(cands)
-    _trim_cache(StageCache(scan_dir / "scan.h5"), cache)  # before scan.json: a kill leaves it unfinished
-    write_json({"scan_id": scan_id, "keys": step_keys, "seconds": result.seconds,
-                "n_candidates": result.n_candidates, "flags": result.flags}, scan_dir / "scan.json")
+    waiting = (lambda: reporter.scan_waiting(scan)) if reporter is not None else None
+    with hold(lock_path(out_dir, f"scan-{scan_id}"), on_wait=waiting):  # another input, same series
+        if reporter is not None:
+            reporter.stage_started(scan, "write")
+        t0 = time.perf_counter()
+        result.flags += _write_outputs(scan_dir, values, pictures=pictures, save_ct=save_ct,
+                                       volume_format=volume_format,
+                                       outputs=config.get("outputs") or {})
+        result.seconds["write"] = round(time.perf_counter() - t0, 3)
+        if reporter is not None:
+            reporter.stage_done(scan, "write", result.seconds["write"])
+        cands = values.get("candidates")
+        result.n_candidates = 0 if cands is None else len(cands)
+        _trim_cache(StageCache(scan_dir / "scan.h5"), cache)  # before scan.json: a kill leaves it unfinished
+        write_json({"scan_id": scan_id, "keys": step_keys, "seconds": result.seconds,
+                    "n_candidates": result.n_candidates, "flags": result.flags},
+                   scan_dir / "scan.json")
     return result
 
 
