@@ -38,3 +38,26 @@ def pycerr():
         return pycerr_patients()
     except DataUnavailable as exc:
         pytest.skip(f"pycerr chest CTs not available: {exc}")
+
+
+@pytest.fixture
+def tmpfs():
+    """``mount(folder, options)``: a tmpfs mounted at ``folder`` (made if missing) with mount
+    ``options`` (e.g. ``"size=1200k"``, ``"ro,size=1m"``), unmounted after the test; the test is
+    skipped with the reason where it cannot mount (no root or no mount rights)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(folder, options):
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs ({options}) here: {done.stderr.strip() or done.returncode}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -227,16 +227,9 @@ def test_an_interrupted_batch_ends_cleanly_and_resumes(tmp_path, sig, workers):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tmpfs):
     """A 1.2 MB tmpfs mounted at ``tmp_path / "out"`` (root and mount rights needed, else skip)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(out)],
-                           capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip() or mount.returncode}")
-    yield out
-    subprocess.run(["umount", "-l", str(out)], capture_output=True)
+    return tmpfs(tmp_path / "out", "size=1200k")
 
 
 def test_a_full_disk_stops_the_batch_cleanly_and_a_rerun_resumes(tmp_path, small_disk):

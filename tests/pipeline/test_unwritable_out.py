@@ -35,16 +35,9 @@ def _one_clean_error(console, out, reason):
 
 
 @pytest.fixture
-def read_only_mount(tmp_path):
+def read_only_mount(tmp_path, tmpfs):
     """A read-only tmpfs at ``tmp_path / "ro"`` (root and mount rights needed, else skip)."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                           capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mount.stderr.strip() or mount.returncode}")
-    yield ro
-    subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+    return tmpfs(tmp_path / "ro", "ro,size=1m")
 
 
 @pytest.mark.parametrize("sub", ["", "new/folder"], ids=["the-folder", "below-it"])
