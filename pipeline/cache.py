@@ -25,6 +25,7 @@ written in 1.1 s against 0.5 s, read in 0.3 s either way.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -167,17 +168,21 @@ class StageCache:
         """Store several results in one rewrite of the file, leaving out the names in ``drop``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         old = self.keys()
+        # built in memory, then written by Python: a full disk is then a plain OSError here,
+        # never an HDF5 file left half-open (its clean-up at exit crashed the process)
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as dst:
+            if old:
+                with h5py.File(self.path, "r") as src:
+                    for name in src:
+                        if name not in items and name not in drop:
+                            src.copy(src[name], dst, name=name)
+            for name, (key, value) in items.items():
+                group = dst.create_group(name)
+                group.attrs["key"] = key
+                _write_value(group, value)
         with atomic_path(self.path) as tmp:
-            with h5py.File(tmp, "w") as dst:
-                if old:
-                    with h5py.File(self.path, "r") as src:
-                        for name in src:
-                            if name not in items and name not in drop:
-                                src.copy(src[name], dst, name=name)
-                for name, (key, value) in items.items():
-                    group = dst.create_group(name)
-                    group.attrs["key"] = key
-                    _write_value(group, value)
+            Path(tmp).write_bytes(buffer.getbuffer())
 
     def drop(self, names) -> None:
         """Remove the results ``names`` (absent ones are ignored), atomically; the file
