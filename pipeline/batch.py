@@ -32,7 +32,6 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -231,14 +230,18 @@ def _walk(folder: Path, *, top: bool = True) -> list[Path]:
 def _join_split_series(folder: Path, found: list[Path]) -> list[Path]:
     """Make one scan of a DICOM series whose files lie in several subfolders of ``folder``
     (CD/DVD exports and some PACS tools split a series at a few hundred files a folder): the
-    subfolders whose first DICOM file has the same Series Instance UID become ``folder`` (when
-    they are all it holds) or ``folder#series=UID``, read from everything under ``folder``.
-    One header is read per subfolder."""
-    uid_of = {p: _first_series_uid(p) for p in found if p.parent == folder and p.is_dir()}
-    counts = Counter(uid for uid in uid_of.values() if uid)
-    split = {uid for uid, n in counts.items() if n > 1}
+    subfolders whose first DICOM files have the same Series Instance UID, and different SOP
+    Instance UIDs (copies of one series are not parts of it), become ``folder`` (when they are
+    all it holds) or ``folder#series=UID``, read from everything under ``folder``.  One header
+    is read per subfolder."""
+    ids = {p: _first_dicom_ids(p) for p in found if p.parent == folder and p.is_dir()}
+    groups: dict[str, list[str]] = {}
+    for series_uid, sop_uid in filter(None, ids.values()):
+        groups.setdefault(series_uid, []).append(sop_uid)
+    split = {uid for uid, sops in groups.items() if len(sops) > 1 and len(set(sops)) == len(sops)}
     if not split:
         return found
+    uid_of = {p: i[0] for p, i in ids.items() if i}
     out, done = [], set()
     for p in found:
         uid = uid_of.get(p)
@@ -251,8 +254,9 @@ def _join_split_series(folder: Path, found: list[Path]) -> list[Path]:
     return out
 
 
-def _first_series_uid(folder: Path) -> str | None:
-    """Series Instance UID of the first file (by name) in ``folder`` that has one, else None."""
+def _first_dicom_ids(folder: Path) -> tuple[str, str] | None:
+    """``(Series Instance UID, SOP Instance UID)`` of the first file (by name) in ``folder``
+    that has a series UID, else None."""
     import pydicom
 
     for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
@@ -261,12 +265,13 @@ def _first_series_uid(folder: Path) -> str | None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                ds = pydicom.dcmread(f, stop_before_pixels=True,
+                                     specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
         except Exception:  # noqa: BLE001 - not DICOM, damaged: that folder stays a scan of its own
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if uid:
-            return uid
+            return uid, str(ds.get("SOPInstanceUID", "") or f.name)
     return None
 
 

@@ -172,3 +172,16 @@ def test_a_batch_over_a_split_series_writes_it_once_and_resumes(tmp_path):
     assert main(args) == 0
     again = json.loads((tmp_path / "out" / "run.json").read_text())
     assert [s["status"] for s in again["scans"]] == ["cached", "cached"]
+
+
+def test_copies_of_one_series_in_two_patient_folders_stay_two_scans(tmp_path):
+    """Folders whose first files are the same image (a series exported twice, a test file
+    copied) are copies, not parts of one series: each stays a scan and fails or runs alone."""
+    import shutil
+
+    from synth.data import pydicom_test_file
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        shutil.copy(pydicom_test_file("CT_small.dcm"), tmp_path / name / "ct.dcm")
+    assert discover_scans(tmp_path) == [tmp_path / "a", tmp_path / "b"]
