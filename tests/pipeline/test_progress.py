@@ -140,7 +140,8 @@ def test_classify_progress_is_passed_but_never_keyed(tmp_path, monkeypatch):
     def fake_candidates(ct_1mm, lung_mask, **settings):  # the real one takes seconds
         n = 40
         return {"candidates": pd.DataFrame({"seriesuid": ct_1mm.scan_id, "coordX": [0.0] * n,
-                                            "coordY": 0.0, "coordZ": 0.0, "score": 1.0})}
+                                            "coordY": 0.0, "coordZ": 0.0, "diameter_mm": 5.0,
+                                            "finding": "nodule", "score": 1.0})}
 
     def fake_classify(ct_1mm, candidates, *, progress=None, **settings):
         for done in range(len(candidates) + 1):
