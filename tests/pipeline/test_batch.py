@@ -20,7 +20,7 @@ from synth.data import pydicom_test_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: Small phantoms keep a 25-scan run inside CI's budget.
+#: Small phantoms keep the batch tests (a dozen scans a run at most) inside CI's budget.
 PHANTOM = dict(shape_zyx=(36, 96, 96), spacing_mm=(3.0, 2.4, 2.4), n_nodules=2)
 
 
@@ -78,7 +78,7 @@ def _broken_scans(root: Path) -> None:
 
 def test_dsb_tree_with_broken_scans_runs_to_the_end(tmp_path):
     tree = tmp_path / "dsb"
-    _phantom_tree(tree, 20)
+    _phantom_tree(tree, 6)  # six good scans beside the six broken ones
     _broken_scans(tree)
     out = tmp_path / "out"
     status = main(["run", str(tree), "--out", str(out), "--config", str(_config(tmp_path)),
@@ -93,11 +93,11 @@ def test_dsb_tree_with_broken_scans_runs_to_the_end(tmp_path):
     assert one.startswith("only 1 slice (5.0 mm): too short to hold a lung"), one
     assert all("\n" not in e and e for e in errors["error"])
     done = [d for d in out.iterdir() if (d / "scan.json").exists()]
-    assert len(done) == 20
+    assert len(done) == 6
     cands = pd.read_csv(out / "candidates.csv", dtype={"seriesuid": str})
-    assert cands["seriesuid"].nunique() == 20
+    assert cands["seriesuid"].nunique() == 6
     html = (out / "report.html").read_text()
-    assert "20 scans done, 6 failed" in html
+    assert "6 scans done, 6 failed" in html
     for d in done:
         for name in ("lung_mask.nrrd", "candidates.csv", "preview.png", "scan.h5"):
             assert (d / name).exists(), (d, name)
@@ -112,7 +112,7 @@ def _cli(args, stderr=subprocess.DEVNULL):
 
 def test_kill_9_and_resume_gives_identical_csvs(tmp_path):
     tree = tmp_path / "dsb"
-    _phantom_tree(tree, 5, seed0=40)
+    _phantom_tree(tree, 3, seed0=40)
     _broken_scans(tree)
     config = str(_config(tmp_path))
     clean = tmp_path / "clean"
