@@ -482,8 +482,16 @@ def _execute(args, options, config, executor, scheduler, workers, gpu_from, devi
         else:
             with _pool(workers) as pool:
                 futs = [pool.submit(_one, *a, **options, reporter=worker_reporter) for a in args]
-                for fut in cf.as_completed(futs):
-                    collect(fut.result())
+                pending = set(futs)
+                try:
+                    for fut in cf.as_completed(futs):
+                        pending.discard(fut)
+                        collect(fut.result())
+                except KeyboardInterrupt:  # scans the workers finished meanwhile count as done
+                    for fut in [f for f in futs if f in pending and f.done() and not f.cancelled()]:
+                        with contextlib.suppress(Exception):
+                            collect(fut.result(timeout=0))
+                    raise
     else:
         for a in args:
             collect(_one(*a, **options, reporter=reporter))
