@@ -41,6 +41,8 @@ COMMANDS = {
               logging.INFO),
     "train-lesions": ("pipeline.lesion_training", "train the lung mask's lesion net (leave-one-"
                       "patient-out with --lopo)", logging.INFO),
+    "train-patients": ("pipeline.patient_training", "screen a benchmark's patients, train the "
+                       "patient models (RNN, noisy-OR, size), choose on validation", logging.WARNING),
     "benchmark-data": ("synth.benchmark_data", "build the LIDC-shape benchmark (real nodule "
                        "outlines in CT backgrounds)", logging.INFO),
     "bench": ("bench.__main__", "run the benchmarks (JSON under bench/)", logging.WARNING),
