@@ -62,6 +62,9 @@ class NoisyOR(nn.Module):
         self.top = int(top)
         self.arch = {"top": self.top}
         self.finding = nn.Linear(2, 1)
+        with torch.no_grad():  # start from "a finding is rarely cancer": p_i = 0.05, p_leak = 0.12
+            self.finding.weight.zero_()
+            self.finding.bias.fill_(-3.0)
         self.leak_logit = nn.Parameter(torch.tensor(-2.0))
 
     def finding_probability(self, findings: torch.Tensor) -> torch.Tensor:

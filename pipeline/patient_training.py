@@ -160,7 +160,7 @@ def _embeddings(cubes: np.ndarray, classifier) -> np.ndarray:
         return classifier.embed(x.contiguous(memory_format=torch.channels_last_3d)).float().numpy()
 
 
-def load_split(cache_dir, truth_csv, *, classifier=None) -> dict:
+def load_split(cache_dir, truth_csv, *, classifier=None, skip_missing: bool = False) -> dict:
     """The patients of one split as padded arrays.
 
     Parameters
@@ -171,6 +171,8 @@ def load_split(cache_dir, truth_csv, *, classifier=None) -> dict:
         ``patients.csv`` (``id, cancer``); every id needs a cache file.
     classifier : NoduleNet3D, optional
         For the embeddings (default: the shipped classifier, on the CPU).
+    skip_missing : bool
+        Leave out the patients not screened yet (else a missing file is an error).
 
     Returns
     -------
@@ -185,6 +187,8 @@ def load_split(cache_dir, truth_csv, *, classifier=None) -> dict:
 
     classifier = classifier if classifier is not None else load_classifier(DEFAULT_WEIGHTS, device="cpu")
     truth = pd.read_csv(truth_csv, dtype={"id": str})
+    if skip_missing:
+        truth = truth[[(Path(cache_dir) / f"{pid}.npz").is_file() for pid in truth["id"]]]
     ids, y, finds, seqs, ttas = [], [], [], [], []
     for pid, cancer in zip(truth["id"], truth["cancer"]):
         cands, cubes = load_screened(Path(cache_dir) / f"{pid}.npz")
@@ -308,7 +312,7 @@ def train_patient_model(cache_dir, truth_dir, models_dir, out, *, seed: int = 0)
     from pipeline.io import write_json
 
     cache_dir, truth_dir, models_dir = Path(cache_dir), Path(truth_dir), Path(models_dir)
-    train = load_split(cache_dir / "train", truth_dir / "train" / "patients.csv")
+    train = load_split(cache_dir / "train", truth_dir / "train" / "patients.csv", skip_missing=True)
     val = load_split(cache_dir / "val", truth_dir / "val" / "patients.csv")
     models, curves = {}, {}
     for kind in KINDS:
@@ -317,7 +321,8 @@ def train_patient_model(cache_dir, truth_dir, models_dir, out, *, seed: int = 0)
         curves[kind] = {"train_loss": [round(v["train_loss"], 4) for v in learn.recorder.values],
                         "seconds": round(time.perf_counter() - t0, 1)}
     prevalence = float(train["y"].mean())
-    info = {"seed": seed, "train_patients": len(train["ids"]), "train_cancer": int(train["y"].sum()),
+    n_listed = len(pd.read_csv(truth_dir / "train" / "patients.csv"))
+    info = {"seed": seed, "train_patients": len(train["ids"]), "train_listed": n_listed, "train_cancer": int(train["y"].sum()),
             "train_prevalence": prevalence, "cache": str(cache_dir), "truth": str(truth_dir)}
     for kind, m in models.items():
         save_patient_model(m, models_dir / f"{kind}.pt", info={**info, "kind": kind})
