@@ -36,13 +36,12 @@ def test_types_of_solid_ground_glass_part_solid_and_calcified_balls():
     assert _typed(_ball(5, 500.0), 10.0)["nodule_type"].tolist() == ["calcified"]
 
 
-def test_only_the_most_probable_candidates_are_typed_and_rows_keep_their_order():
+def test_every_candidate_is_typed_and_rows_keep_their_order():
     vol = _ball(6, 20.0)
-    cands = pd.DataFrame({"coordX": [24.0, 24.0, 24.0], "coordY": 24.0, "coordZ": 24.0,
-                          "diameter_mm": 12.0, "probability": [0.1, 0.9, 0.5], "tag": ["a", "b", "c"]})
-    out = nodule_types(vol, cands, top=2)
+    cands = pd.DataFrame({"coordX": [24.0, 24.0, 5.0], "coordY": 24.0, "coordZ": [24.0, 24.0, 5.0],
+                          "diameter_mm": [12.0, 4.0, 6.0], "tag": ["a", "b", "c"]})
+    out = nodule_types(vol, cands)
     assert out["tag"].tolist() == ["a", "b", "c"]
-    assert out["nodule_type"].tolist() == ["", "solid", "solid"]
-    assert np.isnan(out["solid_diameter_mm"].iloc[0])
+    assert out["nodule_type"].tolist() == ["solid", "solid", "ground_glass"]  # c: plain lung
     empty = nodule_types(vol, cands.iloc[:0])
     assert list(empty.columns)[-2:] == ["nodule_type", "solid_diameter_mm"] and len(empty) == 0
