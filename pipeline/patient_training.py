@@ -62,7 +62,7 @@ def _split_scans(split_dir: Path) -> list[tuple[str, Path]]:
 
 
 def screen_patients(split_dir, cache_dir, *, device="cpu", top: int | None = None,
-                    reverse: bool = False, tta: int | None = None) -> list[Path]:
+                    reverse: bool = False, tta: int | None = None, start: int | None = None) -> list[Path]:
     """Screen every scan of ``split_dir`` (``seriesuids.csv`` + ``<uid>.mhd``) and cache it.
 
     Parameters
@@ -83,6 +83,10 @@ def screen_patients(split_dir, cache_dir, *, device="cpu", top: int | None = Non
         Override the classify stage's test-time augmentation (``classify: tta``; 1: none, a
         third of the CNN work); ``None``: the screen's default.  Recorded in each file
         (``tta``).
+    start : int, optional
+        Begin at this position of ``seriesuids.csv`` and wrap around (processes sharing a
+        split start at different places; with ``reverse``, go down from it); default the
+        first scan (the last with ``reverse``).
 
     Returns
     -------
@@ -102,7 +106,10 @@ def screen_patients(split_dir, cache_dir, *, device="cpu", top: int | None = Non
     tta_used = int(config.get("classify", {}).get("tta", 8))
     scans = _split_scans(split_dir)
     files = [cache_dir / f"{uid}.npz" for uid, _ in scans]
-    for uid, mhd in (scans[::-1] if reverse else scans):
+    start = (len(scans) - 1 if reverse else 0) if start is None else int(start)
+    k = start % max(len(scans), 1)
+    order = scans[k:] + scans[:k] if not reverse else (scans[:k + 1][::-1] + scans[k + 1:][::-1])
+    for uid, mhd in order:
         target = cache_dir / f"{uid}.npz"
         if target.is_file():
             continue
@@ -362,6 +369,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tta", type=int, default=None, help="classify: tta override (default: the screen's)")
     parser.add_argument("--reverse", action="store_true", help="screen each split's scans last first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--start", type=int, default=None, help="begin at this scan of the split (wraps around)")
     parser.add_argument("--truth", default=None, help="folder with <split>/patients.csv (train, val, test)")
     parser.add_argument("--models", default=None, help="folder for the three models and their scores")
     parser.add_argument("--train", action="store_true", help="train the three models, choose on val")
@@ -380,7 +388,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     for split in args.screen or []:
         split = Path(split)
         screen_patients(split, Path(args.cache) / split.name, device=args.device, reverse=args.reverse,
-                        tta=args.tta)
+                        tta=args.tta, start=args.start)
     if (args.train or args.score_test) and not (args.truth and args.models):
         print("error: --train and --score-test need --truth and --models", file=sys.stderr)
         return 2
