@@ -6,6 +6,8 @@ the file stem otherwise), each written under a temporary name and renamed:
 * ``lung_mask.nrrd``  uint8 labels (1 right lung, 2 left lung) at 1 mm, LPS geometry (3D
   Slicer overlays it on the original scan)
 * ``candidates.csv``  LUNA16 columns (seriesuid, coordX, coordY, coordZ, ...) then features
+* ``embeddings.csv``  the CNN embedding of the 32 most probable candidates (``embed`` stage),
+  what the patient model reads
 * ``preview.png``     three orthogonal slices with the lung mask and candidates drawn
 * ``candidate_NN.png`` three slices through each top candidate
 * ``scan.h5``         the stage cache (see :mod:`pipeline.cache`): by default every stage
@@ -313,6 +315,8 @@ def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool
         write_volume(mask, scan_dir / "lung_mask.nrrd")
     if cands is not None:
         write_csv(cands, scan_dir / "candidates.csv", float_format="%.4f")
+    if values.get("embeddings") is not None:  # the patient RNN's input (stages.classify.embed_candidates)
+        write_csv(values["embeddings"], scan_dir / "embeddings.csv", float_format="%.6g")
     save_preview(ct, scan_dir / "preview.png", mask=mask, candidates=cands)
     for old in scan_dir.glob("candidate_*.png"):
         os.unlink(old)
