@@ -229,7 +229,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"flagged: {r.source}: {flag}", file=sys.stderr)
     done = len(results) - len(failed)
     print(f"{done} scan(s) done, {len(failed)} failed; outputs in {args.out} "
-          f"(report.html, candidates.csv, errors.csv)")
+          f"(report.html, candidates.csv, patients.csv, errors.csv)")
     return 1 if failed else 0
 
 

@@ -415,7 +415,9 @@ def _execute(args, options, config, executor, scheduler, workers, gpu_from, devi
 
 
 def write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **run_info) -> None:
-    """``candidates.csv`` (all scans), ``errors.csv``, ``run.json`` and ``report.html``."""
+    """``candidates.csv`` (all scans), ``patients.csv`` (one verdict per patient),
+    ``errors.csv``, ``run.json`` and ``report.html``."""
+    from pipeline.patients import write_patients_csv
     from pipeline.report import write_report
 
     frames = []
@@ -427,6 +429,7 @@ def write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **ru
         write_csv(pd.concat(frames, ignore_index=True), out_dir / "candidates.csv", float_format="%.4f")
     elif (out_dir / "candidates.csv").exists():  # never leave an older run's marks to be scored
         (out_dir / "candidates.csv").unlink()
+    write_patients_csv(out_dir, sorted(results, key=lambda r: r.scan_id))
     errors = pd.DataFrame([{"path": r.source, "error": r.error} for r in results if r.status == "failed"],
                           columns=["path", "error"]).sort_values("path")
     write_csv(errors, out_dir / "errors.csv")

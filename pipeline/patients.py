@@ -4,7 +4,8 @@
 gives
 
 * ``cancer``: the patient model's probability (``models/patient_model.pt``, see its card
-  ``models/patient_model.md``), from the scan's most probable findings;
+  ``models/patient_model.md``), from the scan's most probable findings (the RNN: their CNN
+  embeddings, ``OUT_DIR/<scan_id>/embeddings.csv`` from the ``embed`` stage);
 * ``lung_rads`` and ``lung_rads_reason``: :func:`stages.lungrads.lung_rads_category` of the
   *reported findings*, the candidates whose nodule probability is at least
   :data:`FINDING_PROBABILITY` (merged duplicate marks left out);
@@ -78,19 +79,27 @@ def findings_tensor(candidates: pd.DataFrame, *, top: int | None = None) -> np.n
                     axis=1).astype(np.float32)
 
 
-def _cancer(model, candidates: pd.DataFrame) -> float:
+def _cancer(model, candidates: pd.DataFrame, embeddings: pd.DataFrame | None) -> float:
     import torch
 
     if getattr(model, "kind", None) == "rnn":
-        raise ValueError("the RNN patient model needs the CNN embeddings, which a run does not "
-                         "keep; ship a baseline (see models/patient_model.md)")
+        from nets.rnn import rank_candidates
+
+        if embeddings is None:
+            raise ValueError("the RNN patient model reads the CNN embeddings (embeddings.csv, "
+                             "the 'embed' stage); the screen did not make them")
+        emb = embeddings[[c for c in embeddings.columns if c.startswith("emb_")]].to_numpy(np.float32)
+        rows = rank_candidates(emb, embeddings["probability"].to_numpy(float))
+        with torch.no_grad():
+            logit, _ = model(torch.from_numpy(rows)[None], torch.tensor([max(len(rows), 1)]))
+        return float(torch.sigmoid(logit)[0])
     rows = findings_tensor(candidates)
     with torch.no_grad():
         logit = model(torch.from_numpy(rows)[None], torch.tensor([len(rows)]))
     return float(torch.sigmoid(logit)[0])
 
 
-def scan_verdict(candidates: pd.DataFrame, *, model=None,
+def scan_verdict(candidates: pd.DataFrame, *, embeddings: pd.DataFrame | None = None, model=None,
                  finding_probability: float = FINDING_PROBABILITY) -> dict:
     """The verdict on one scan from its candidates table.
 
@@ -100,6 +109,8 @@ def scan_verdict(candidates: pd.DataFrame, *, model=None,
         A scan's ``candidates.csv``: ``probability``, ``diameter_mm`` and, for Lung-RADS,
         ``nodule_type`` and ``solid_diameter_mm`` (the ``nodule_type`` stage); ``merged``
         marks are left out of the findings.
+    embeddings : DataFrame, optional
+        The scan's ``embeddings.csv`` (the ``embed`` stage), needed by an RNN patient model.
     model : nn.Module or path, optional
         A patient model (:func:`nets.patient.load_patient_model`); default
         :data:`DEFAULT_PATIENT_MODEL`.
@@ -124,14 +135,14 @@ def scan_verdict(candidates: pd.DataFrame, *, model=None,
     if "nodule_type" not in findings.columns:
         findings["nodule_type"] = ""
     types = findings["nodule_type"].fillna("").astype(str)
-    # a finding the type stage did not reach (beyond its most probable ones) is graded as solid
+    # a finding without a type (a config without the nodule_type stage) is graded as solid
     findings["nodule_type"] = types.where(types != "", "solid")
     if "solid_diameter_mm" not in findings.columns:
         findings["solid_diameter_mm"] = findings["diameter_mm"]
     findings["solid_diameter_mm"] = findings["solid_diameter_mm"].fillna(findings["diameter_mm"])
     category, reason = lung_rads_category(findings)
     largest = findings.loc[findings["diameter_mm"].idxmax()] if len(findings) else None
-    return {"cancer": _cancer(model, cands), "lung_rads": category, "lung_rads_reason": reason,
+    return {"cancer": _cancer(model, cands, embeddings), "lung_rads": category, "lung_rads_reason": reason,
             "n_findings": int(len(findings)),
             "largest_diameter_mm": float(largest["diameter_mm"]) if largest is not None else math.nan,
             "largest_type": str(largest["nodule_type"]) if largest is not None else ""}
@@ -176,10 +187,13 @@ def write_patients_csv(out_dir, results, *, model=None) -> Path | None:
         csv = Path(res.out_dir) / "candidates.csv" if res.out_dir else None
         cands = (pd.read_csv(csv, dtype={"seriesuid": str})
                  if res.status != "failed" and csv is not None and csv.exists() else None)
-        if cands is not None and "probability" in cands.columns:
-            row = scan_verdict(cands, model=model)
+        emb_csv = csv.parent / "embeddings.csv" if csv is not None else None
+        emb = pd.read_csv(emb_csv) if emb_csv is not None and emb_csv.exists() else None
+        if cands is not None and "probability" in cands.columns and (emb is not None or getattr(model, "kind", "") != "rnn"):
+            row = scan_verdict(cands, embeddings=emb, model=model)
         else:
-            why = res.error or ("no classified candidates" if cands is not None else "no candidates")
+            why = res.error or ("no candidates" if cands is None else "no classified candidates"
+                                if "probability" not in cands.columns else "no embeddings (embed stage)")
             row = {"cancer": prevalence, "lung_rads": "0", "lung_rads_reason": f"scan not evaluated: {why}",
                    "n_findings": 0, "largest_diameter_mm": math.nan, "largest_type": ""}
         rows.append({"id": pid, **row, "scans": res.scan_id or Path(str(res.source)).name})
