@@ -85,6 +85,8 @@ class PatientRNN(nn.Module):
         super().__init__()
         if in_features < 1 or hidden < 1:
             raise ValueError(f"in_features and hidden must be >= 1, got {in_features}, {hidden}")
+        self.arch = {"in_features": int(in_features), "hidden": int(hidden),
+                     "num_layers": int(num_layers), "dropout": float(dropout)}  # to save and rebuild
         self.norm = nn.LayerNorm(in_features - 1) if in_features > 1 else nn.Identity()
         self.gru = nn.GRU(in_features, hidden, num_layers=num_layers, batch_first=True,
                           bidirectional=True)

@@ -41,6 +41,8 @@ COMMANDS = {
               logging.INFO),
     "train-lesions": ("pipeline.lesion_training", "train the lung mask's lesion net (leave-one-"
                       "patient-out with --lopo)", logging.INFO),
+    "train-patients": ("pipeline.patient_training", "screen a benchmark's patients, train the "
+                       "patient models (RNN, noisy-OR, size), choose on validation", logging.WARNING),
     "benchmark-data": ("synth.benchmark_data", "build the LIDC-shape benchmark (real nodule "
                        "outlines in CT backgrounds)", logging.INFO),
     "bench": ("bench.__main__", "run the benchmarks (JSON under bench/)", logging.WARNING),
@@ -235,7 +237,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"flagged: {r.source}: {flag}", file=sys.stderr)
     done = len(results) - len(failed)
     print(f"{done} scan(s) done, {len(failed)} failed; outputs in {args.out} "
-          f"(report.html, candidates.csv, errors.csv)")
+          f"(report.html, candidates.csv, patients.csv, errors.csv)")
     return 1 if failed else 0
 
 

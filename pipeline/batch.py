@@ -280,11 +280,15 @@ def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DE
          wait=True) -> ScanResult:
     """Process one scan; turn any failure into a one-line error (never raises, but for a full
     output folder).  ``wait=False``: status ``"busy"`` when another run holds the scan."""
+    global _IN_SCAN
     logging.basicConfig(level=logging.WARNING)
     try:
+        _IN_SCAN = True
         result = process_scan(path, out_dir, config, force=force, pictures=pictures,
                               prepare_only=prepare_only, cache=cache, save_ct=save_ct,
                               device=device, reporter=reporter, volume_format=volume_format, wait=wait)
+    except _WorkerStopped:  # the pool is being stopped: the scan has unwound, leave now
+        os._exit(128 + signal.SIGTERM)
     except ScanError as exc:
         result = ScanResult(source=str(path), status="failed", error=exc.reason)
     except MemoryError:
@@ -296,17 +300,40 @@ def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DE
         result = ScanResult(source=str(path), status="failed",
                             error=f"{type(exc).__name__}: {' '.join(str(exc).split())} "
                                   f"(at {Path(where.filename).name}:{where.lineno})")
+    finally:
+        _IN_SCAN = False
     result.seconds["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
 
+class _WorkerStopped(BaseException):
+    """Raised in a pool worker by SIGTERM (the parent stopping the pool) while it screens a
+    scan: the scan unwinds, so every atomic write under way removes its temporary file, and
+    the worker exits (:func:`_one`)."""
+
+
+_IN_SCAN = False  # a pool worker is inside _one
+
+
+def _stop_worker(signum, frame):
+    if _IN_SCAN:
+        raise _WorkerStopped
+    os._exit(128 + signum)  # idle: nothing to clean up
+
+
 def _start_worker(torch_threads: int) -> None:
     """Pool initializer: the worker's torch threads, set once (workers share the cores); Ctrl-C
-    is left to the parent, which stops the workers (no traceback from each of them)."""
+    is left to the parent, which stops the workers with SIGTERM (no traceback from each of
+    them; a scan under way unwinds first, leaving no temporary file)."""
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
     torch.set_num_threads(torch_threads)
+
+
+#: Seconds a stopped pool worker gets to unwind its scan before it is killed.
+STOP_WAIT_S = 30
 
 
 @contextlib.contextmanager
@@ -321,8 +348,13 @@ def _pool(workers: int):
     try:
         yield pool
     except BaseException:
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
             proc.terminate()
+        for proc in procs:  # a worker unwinds its scan (removing temporary files), then exits
+            proc.join(timeout=STOP_WAIT_S)
+            if proc.is_alive():
+                proc.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
@@ -498,14 +530,15 @@ def _execute(args, options, config, executor, scheduler, workers, gpu_from, devi
 
 
 def write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **run_info) -> None:
-    """``candidates.csv`` (all scans), ``errors.csv``, ``run.json`` and ``report.html``, each
-    written atomically, all four under the folder's run lock (another run on ``out_dir``
-    writes its own before or after, never between)."""
+    """``candidates.csv`` (all scans), ``patients.csv`` (one verdict per patient), ``errors.csv``,
+    ``run.json`` and ``report.html``, each written atomically, all five under the folder's run
+    lock (another run on ``out_dir`` writes its own before or after, never between)."""
     with hold(lock_path(out_dir, "run")):
         _write_run_files(Path(out_dir), results, config, **run_info)
 
 
 def _write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **run_info) -> None:
+    from pipeline.patients import write_patients_csv
     from pipeline.report import write_report
 
     frames = []
@@ -517,6 +550,7 @@ def _write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **r
         write_csv(pd.concat(frames, ignore_index=True), out_dir / "candidates.csv", float_format="%.4f")
     elif (out_dir / "candidates.csv").exists():  # never leave an older run's marks to be scored
         (out_dir / "candidates.csv").unlink()
+    write_patients_csv(out_dir, sorted(results, key=lambda r: r.scan_id))
     errors = pd.DataFrame([{"path": r.source, "error": r.error} for r in results if r.status == "failed"],
                           columns=["path", "error"]).sort_values("path")
     write_csv(errors, out_dir / "errors.csv")

@@ -35,6 +35,8 @@ STAGE_FUNCTIONS = {
     "lungmask": "stages.lungmask:segment_lungs",
     "candidates": "stages.candidates:find_candidates",
     "classify": "stages.classify:classify_candidates",
+    "nodule_type": "stages.nodule_type:nodule_types",
+    "embed": "stages.classify:embed_candidates",
 }
 #: Top-level keys that are not a step's section.
 TOP_LEVEL_KEYS = ("stages", "extends")

@@ -26,6 +26,12 @@ What the official script does, and so what :func:`froc` does
   The official script bootstraps the curve only; here the CPM of each bootstrap curve
   gives ``cpm_ci95`` by the same rule.
 
+Patient predictions (Kaggle DSB 2017: one ``id,cancer`` row per patient) are scored by
+:func:`patient_scores`: log loss (Kaggle's score, probabilities clipped to ``[1e-15, 1 -
+1e-15]``) and ROC AUC, each with a seeded bootstrap 95 % interval over patients (the same
+``floor(0.025 n)`` / ``floor(0.975 n)`` rule); ``lungscreen evaluate --patients truth.csv
+--predictions OUT/patients.csv``.
+
 The ROC points are computed here with numpy exactly as scikit-learn's ``roc_curve``
 (default ``drop_intermediate=True``) computes them, so scikit-learn is not needed at
 run time; a test compares the two.
@@ -45,7 +51,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FrocResult", "froc", "write_froc", "read_seriesuids", "add_arguments",
+__all__ = ["patient_scores", "FrocResult", "froc", "write_froc", "read_seriesuids", "add_arguments",
            "run_from_args", "main", "FP_RATES", "MAX_MARKS_PER_SCAN", "ANNOTATION_COLUMNS",
            "CANDIDATE_COLUMNS"]
 
@@ -441,15 +447,114 @@ def format_result(result: FrocResult) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- patients
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney, ties count one half); NaN when one class is missing."""
+    pos, neg = p[y == 1], p[y == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-15, 1 - 1e-15)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def patient_scores(truth: pd.DataFrame, predictions: pd.DataFrame, *, n_bootstrap: int = 1000,
+                   seed: int = 0) -> dict:
+    """Log loss and ROC AUC of patient cancer probabilities, with bootstrap 95 % intervals.
+
+    Parameters
+    ----------
+    truth : DataFrame
+        ``id, cancer`` (0 or 1), one row per patient.
+    predictions : DataFrame
+        ``id, cancer`` (probability in [0, 1]); every truth id must be there (extra ids are
+        ignored, a missing one is an error: Kaggle scores every patient).
+    n_bootstrap : int
+        Patients are drawn with replacement this many times; a sample with one class only
+        has no AUC and is skipped for the AUC's interval.
+    seed : int
+        Seed of the bootstrap's generator.
+
+    Returns
+    -------
+    dict
+        ``n_patients, n_cancer, log_loss, log_loss_ci95, auc, auc_ci95, n_bootstrap``.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"id": ["a", "b", "c", "d"], "cancer": [0, 0, 1, 1]})
+    >>> p = pd.DataFrame({"id": ["a", "b", "c", "d"], "cancer": [0.1, 0.4, 0.35, 0.8]})
+    >>> r = patient_scores(t, p, n_bootstrap=0)
+    >>> round(r["log_loss"], 4), r["auc"]
+    (0.4723, 0.75)
+    """
+    for what, df in (("truth", truth), ("predictions", predictions)):
+        missing = {"id", "cancer"} - set(df.columns)
+        if missing:
+            raise ValueError(f"{what} is missing column(s) {sorted(missing)}; it has {list(df.columns)}")
+    t = truth[["id", "cancer"]].assign(id=truth["id"].astype(str))
+    q = predictions[["id", "cancer"]].assign(id=predictions["id"].astype(str))
+    if t["id"].duplicated().any() or q["id"].duplicated().any():
+        raise ValueError("truth and predictions need one row per patient id")
+    merged = t.merge(q, on="id", how="left", suffixes=("_true", "_pred"))
+    missing = merged.loc[merged["cancer_pred"].isna(), "id"].tolist()
+    if missing:
+        raise ValueError(f"{len(missing)} patients have no prediction, e.g. {missing[:3]}")
+    y = pd.to_numeric(merged["cancer_true"], errors="coerce").to_numpy(float)
+    p = pd.to_numeric(merged["cancer_pred"], errors="coerce").to_numpy(float)
+    if np.isnan(p).any():
+        raise ValueError("predicted cancer must be a number for every patient")
+    if not set(np.unique(y)) <= {0.0, 1.0}:
+        raise ValueError("truth cancer must be 0 or 1")
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError("predicted cancer must be a probability in [0, 1]")
+    out = {"n_patients": int(len(y)), "n_cancer": int(y.sum()), "log_loss": _log_loss(y, p),
+           "auc": _auc(y, p), "n_bootstrap": int(n_bootstrap)}
+    rng = np.random.default_rng(seed)
+    losses, aucs = [], []
+    for _ in range(int(n_bootstrap)):
+        i = rng.integers(0, len(y), len(y))
+        losses.append(_log_loss(y[i], p[i]))
+        a = _auc(y[i], p[i])
+        if not math.isnan(a):
+            aucs.append(a)
+
+    def ci(values):
+        if not values:
+            return (float("nan"), float("nan"))
+        v = np.sort(values)
+        return (float(v[int(math.floor(0.025 * len(v)))]),
+                float(v[min(int(math.floor(0.975 * len(v))), len(v) - 1)]))
+
+    out["log_loss_ci95"], out["auc_ci95"] = ci(losses), ci(aucs)
+    return out
+
+
+def format_patient_scores(r: dict) -> str:
+    """Two lines: log loss and AUC with their intervals."""
+    return (f"patients {r['n_patients']} ({r['n_cancer']} cancer)\n"
+            f"log loss {r['log_loss']:.4f} (95% CI {r['log_loss_ci95'][0]:.4f}-{r['log_loss_ci95'][1]:.4f}, "
+            f"{r['n_bootstrap']} bootstrap samples)\n"
+            f"ROC AUC {r['auc']:.4f} (95% CI {r['auc_ci95'][0]:.4f}-{r['auc_ci95'][1]:.4f})")
+
+
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``evaluate`` options to ``parser`` (``lungscreen evaluate``, ``python -m pipeline.evaluate``).
 
     Returns ``parser``, extended.
     """
-    parser.add_argument("--annotations", required=True, help="annotations.csv (LUNA16 columns)")
-    parser.add_argument("--candidates", required=True,
+    parser.add_argument("--annotations", default=None, help="annotations.csv (LUNA16 columns)")
+    parser.add_argument("--candidates", default=None,
                         help="CAD marks: seriesuid,coordX,coordY,coordZ,probability (or score)")
+    parser.add_argument("--patients", default=None,
+                        help="patient truth id,cancer (0/1): score --predictions instead of the FROC")
+    parser.add_argument("--predictions", default=None,
+                        help="with --patients: id,cancer probabilities (a run's patients.csv)")
     parser.add_argument("--excluded", default=None, help="annotations_excluded.csv (optional)")
     parser.add_argument("--seriesuids", default=None,
                         help="seriesuids.csv listing the evaluated scans (default: scans in annotations)")
@@ -465,6 +570,28 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     ``args`` come from :func:`add_arguments`; returns the exit status: 0 done; 2 a table is missing or unusable (the reason is printed as ``error: ...``).
     """
+    if args.patients or args.predictions:
+        if not (args.patients and args.predictions):
+            print("error: --patients and --predictions go together", file=sys.stderr)
+            return 2
+        try:
+            result = patient_scores(pd.read_csv(args.patients, dtype={"id": str}),
+                                    pd.read_csv(args.predictions, dtype={"id": str}),
+                                    n_bootstrap=args.n_bootstrap, seed=args.seed)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(format_patient_scores(result))
+        if args.out:
+            from pipeline.io import write_json
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            write_json(result, Path(args.out) / "patients.json")
+        return 0
+    if not (args.annotations and args.candidates):
+        print("error: give --annotations and --candidates (LUNA16 FROC) or --patients and "
+              "--predictions (patient log loss and AUC)", file=sys.stderr)
+        return 2
     try:
         ann = pd.read_csv(args.annotations, dtype={"seriesuid": str})
         cand = pd.read_csv(args.candidates, dtype={"seriesuid": str})

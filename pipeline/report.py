@@ -2,6 +2,8 @@
 
 Top to bottom, nothing collapsed:
 
+0. The **verdict** of each patient (``OUT_DIR/patients.csv``, :mod:`pipeline.patients`): cancer
+   probability and Lung-RADS category with the finding that sets it, listed by scan id.
 1. **Findings** of every scan in one table, the most probable first: probability, diameter,
    type, world position, the source slice (its 1-based number in the series and, for DICOM,
    its InstanceNumber: what a viewer shows), each row linked to its picture.  Click a column
@@ -184,6 +186,34 @@ def _figure(n: int, f: dict, out_dir: Path, embed: bool) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
+def _verdict_table(out_dir: Path) -> list[str]:
+    """The run's ``patients.csv`` as a table, by scan id (a patient's folder name may identify
+    them, so the report names scans only)."""
+    import pandas as pd
+
+    csv = out_dir / "patients.csv"
+    if not csv.exists():
+        return []
+    table = pd.read_csv(csv, dtype={"id": str, "scans": str, "lung_rads": str})
+    rows = []
+    for _, v in table.sort_values("cancer", ascending=False).iterrows():
+        scans = "<br>".join(html.escape(s) for s in str(v["scans"]).split(";"))
+        size = None if pd.isna(v["largest_diameter_mm"]) else float(v["largest_diameter_mm"])
+        kind = "" if pd.isna(v["largest_type"]) else str(v["largest_type"])
+        rows.append(f'<tr><td class="id">{scans}</td>{_num(float(v["cancer"]), 3)}'
+                    f'<td>{html.escape(str(v["lung_rads"]))}</td>'
+                    f'<td>{html.escape(str(v["lung_rads_reason"]))}</td>{_num(int(v["n_findings"]), 0)}'
+                    f"{_num(size, 1)}<td>{html.escape(kind)}</td></tr>")
+    return ['<h2 id="verdicts">Verdict per patient</h2><p class="note">Cancer probability (the '
+            "patient model, see the README: trained on a proxy label, LIDC readers' malignancy "
+            "ratings) and the Lung-RADS v2022 category of a baseline exam (no prior: no growth) "
+            "from the largest finding of probability 0.5 or more.</p>",
+            '<table class="sortable"><thead><tr><th>scan(s)</th><th data-type="num">cancer '
+            'probability</th><th>Lung-RADS</th><th>set by</th><th data-type="num">findings</th>'
+            '<th data-type="num">largest (mm)</th><th>type</th></tr></thead><tbody>', *rows,
+            "</tbody></table>"]
+
+
 def _scans_table(results) -> list[str]:
     out = ['<table id="scans-table" class="sortable"><thead><tr><th>scan</th><th>status</th>'
            '<th data-type="num">findings pictured</th><th data-type="num">candidates</th>'
@@ -232,6 +262,7 @@ def write_report(out_dir, results, *, embedded_pictures: int = EMBEDDED_PICTURES
              f"{'s' * (len(findings) != 1)} pictured in {n_scans} scan{'s' * (n_scans != 1)} (the most "
              "probable of each scan: the run's --pictures), the most probable first. Click a column "
              "heading to sort; a finding's link shows its picture.</p>"]
+    parts[2:2] = _verdict_table(out_dir)
     parts += _findings_table(findings) if findings else ["<p>No findings pictured.</p>"]
     parts.append(_legend())
     if findings:

@@ -15,6 +15,8 @@ nifti``); the viewer files (:mod:`pipeline.outputs`) are written in either case:
 * ``candidates.mrk.json`` the rows of ``candidates.csv`` as 3D Slicer markups (LPS), one
   control point per finding in rank order, labelled ``F01``, ``F02``... with the rank, the
   probability, the diameter and the finding type in its description
+* ``embeddings.csv``  the CNN embedding of the 32 most probable candidates (``embed`` stage),
+  what the patient model reads
 * ``preview.png``     three orthogonal slices with the lung mask and candidates drawn
 * ``candidate_NN.png`` three slices through each top candidate
 * ``finding_NN.jpg``  each top candidate zoomed (60 mm) beside its whole source slice, and
@@ -399,6 +401,8 @@ def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool
     from pipeline.preview import save_candidate_pictures, save_finding_pictures, save_preview
 
     scan_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in scan_dir.glob(".*.part*"):  # a killed run's (kill -9); this run holds the scan
+        tmp.unlink(missing_ok=True)
     ct = values.get("ct_1mm", values.get("ct"))
     mask, cands = values.get("lung_mask"), values.get("candidates")
     keep = set(_output_files(set(values), save_ct=save_ct, volume_format=volume_format))
@@ -419,6 +423,8 @@ def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool
     if cands is not None:
         write_csv(cands, scan_dir / "candidates.csv", float_format=f"%.{CSV_DECIMALS}f")
         write_markups(cands, scan_dir / "candidates.mrk.json")
+    if values.get("embeddings") is not None:  # the patient RNN's input (stages.classify.embed_candidates)
+        write_csv(values["embeddings"], scan_dir / "embeddings.csv", float_format="%.6g")
     save_preview(ct, scan_dir / "preview.png", mask=mask, candidates=cands)
     for old in scan_dir.glob("candidate_*.png"):
         os.unlink(old)

@@ -4,7 +4,7 @@ A step reads named values from the scan's state (``path``, ``ct``, ``ct_1mm``, .
 returns new named values; its keyword arguments are the keys of the config section of
 the same name.  ``configs/default.yaml``'s ``stages:`` list says which run, in order::
 
-    stages: [ingest, resample, lungmask, candidates, classify]
+    stages: [ingest, resample, lungmask, candidates, classify, nodule_type, embed]
 
 To swap a stage, point the registry entry at another function with the same inputs and
 outputs; nothing else changes.
@@ -103,6 +103,18 @@ def _classify(ct_1mm, candidates, *, device, progress=None, **settings):
                                               **settings)}
 
 
+def _embed(ct_1mm, candidates, *, device, **settings):
+    from stages.classify import embed_candidates
+
+    return {"embeddings": embed_candidates(ct_1mm, candidates, device=device, **settings)}
+
+
+def _nodule_type(ct_1mm, candidates, **settings):
+    from stages.nodule_type import nodule_types
+
+    return {"candidates": nodule_types(ct_1mm, candidates, **settings)}
+
+
 STEPS: dict[str, Step] = {
     "ingest": Step("ingest", _ingest, ("path",), ("ct",), ("stages.ingest", "stages.hounsfield")),
     "resample": Step("resample", _resample, ("ct",), ("ct_1mm",), ("stages.resample",), uses_device=True),
@@ -114,6 +126,10 @@ STEPS: dict[str, Step] = {
     "classify": Step("classify", _classify, ("ct_1mm", "candidates"), ("candidates",),
                      ("stages.classify", "nets.cnn3d", "stages.patches"), progress_unit="cubes",
                      uses_device=True),
+    "embed": Step("embed", _embed, ("ct_1mm", "candidates"), ("embeddings",),
+                  ("stages.classify", "nets.cnn3d", "stages.patches"), uses_device=True),
+    "nodule_type": Step("nodule_type", _nodule_type, ("ct_1mm", "candidates"), ("candidates",),
+                        ("stages.nodule_type", "stages.patches")),
 }
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["classify_candidates", "merge_nearby", "DEFAULT_WEIGHTS", "MERGE_MM", "DEMOTE", "TTA_TOP"]
+__all__ = ["classify_candidates", "embed_candidates", "EMBED_TOP", "merge_nearby", "DEFAULT_WEIGHTS", "MERGE_MM", "DEMOTE", "TTA_TOP"]
 
 #: The weights `make train` writes and the repository ships (see models/nodule_cnn3d.md).
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "nodule_cnn3d.pt"
@@ -47,6 +47,9 @@ DEMOTE = 0.01
 #: Candidates, best first by the CNN's first pass, that get test-time augmentation
 #: (LUNA16's FROC reads a scan's 100 most probable marks).
 TTA_TOP = 100
+#: Candidates, the most probable first, whose CNN embedding :func:`embed_candidates` keeps
+#: (what the patient RNN reads: :data:`nets.rnn.MAX_CANDIDATES`).
+EMBED_TOP = 32
 #: A mass's cube is sampled so that its diameter spans this many of the cube's samples.
 MASS_SPAN_SAMPLES = 24.0
 
@@ -251,3 +254,58 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
         out = _one_finding_per_mass(out)
     out = out.sort_values(["probability", "score"], ascending=False, kind="stable").reset_index(drop=True)
     return merge_nearby(out, merge_mm) if merge_mm != 0 else out
+
+
+def embed_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=None,
+                     top: int = EMBED_TOP) -> pd.DataFrame:
+    """The CNN's embedding (:meth:`nets.cnn3d.NoduleNet3D.embed`) of the ``top`` most probable
+    candidates: what the patient RNN reads (:mod:`pipeline.patients`).
+
+    One forward pass of ``top`` cubes (no flips), cut as the classify stage cuts them (the
+    weights file's cube size and spacing; a 32 mm cube at 1 mm for the shipped classifier),
+    about ``top / (N + 7 * TTA_TOP)`` of the classify stage's CNN work for ``N`` candidates.
+
+    Parameters
+    ----------
+    ct : Volume
+        The HU volume the candidates were found on.
+    candidates : DataFrame
+        Classified candidates (``coordX, coordY, coordZ``, ``probability``).
+    weights, device
+        As :func:`classify_candidates`.
+    top : int
+        How many candidates, by decreasing probability (ties: the table's order).
+
+    Returns
+    -------
+    DataFrame
+        One row per embedded candidate, most probable first: ``coordX, coordY, coordZ,
+        probability``, then ``emb_000`` .. ``emb_{D-1}`` (float32 values).
+    """
+    import torch
+
+    from nets.cnn3d import normalize_hu
+    from stages.patches import extract_patches
+
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top!r}")
+    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+    if not path.is_absolute() and not path.exists():
+        path = DEFAULT_WEIGHTS.parent.parent / path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: classifier weights not found")
+    model = _model(str(path), path.stat().st_mtime_ns, device)
+    order = np.argsort(-candidates["probability"].to_numpy(float), kind="stable")[:top]
+    best = candidates.iloc[order]
+    cols = [f"emb_{i:03d}" for i in range(model.embed_dim)]
+    out = best[["coordX", "coordY", "coordZ", "probability"]].reset_index(drop=True)
+    if len(best) == 0:
+        return pd.concat([out, pd.DataFrame(columns=cols, dtype=np.float32)], axis=1)
+    pre = model.preprocessing
+    cubes = extract_patches(ct, centres_xyz_mm=best[["coordX", "coordY", "coordZ"]].to_numpy(float),
+                            size_mm=pre["size_mm"], spacing_mm=pre["spacing_mm"])
+    x = torch.from_numpy(normalize_hu(cubes, tuple(pre["clip_hu"])))[:, None]
+    device_of = next(model.parameters()).device
+    with torch.inference_mode():
+        emb = model.embed(x.to(device_of).contiguous(memory_format=torch.channels_last_3d)).float().cpu().numpy()
+    return pd.concat([out, pd.DataFrame(emb, columns=cols)], axis=1)

