@@ -208,11 +208,9 @@ def save_classifier(model: NoduleNet3D, path, *, clip_hu=CLIP_HU, size_mm: float
     """Write the architecture, preprocessing and weights (CPU tensors) to ``path``.
 
     ``info`` (str/int/float values: data, seed, metrics) is stored as is.  The file is written
-    to a temporary name and renamed (:func:`pipeline.io.atomic_path`).
+    to a temporary name and renamed (:func:`pipeline.io.write_torch`).
     """
-    import io
-
-    from pipeline.io import atomic_path
+    from pipeline.io import write_torch
 
     if not isinstance(model, NoduleNet3D):
         raise TypeError(f"model must be a NoduleNet3D, got {type(model).__name__}")
@@ -221,12 +219,7 @@ def save_classifier(model: NoduleNet3D, path, *, clip_hu=CLIP_HU, size_mm: float
                                "spacing_mm": float(spacing_mm)},
              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "info": dict(info or {})}
-    # through a buffer: torch.save to a file names the archive after the (random) temp name
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-    return Path(path)
+    return write_torch(state, path)
 
 
 def load_classifier(path, device=None) -> NoduleNet3D:

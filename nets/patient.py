@@ -17,7 +17,6 @@ The models are saved with their kind and arguments (:func:`save_patient_model`) 
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
@@ -122,7 +121,7 @@ def save_patient_model(model: nn.Module, path, *, info: dict | None = None) -> P
     """Write ``model`` (a :class:`NoisyOR`, :class:`SizeRule` or :class:`nets.rnn.PatientRNN`)
     with its kind, arguments and ``info`` (str/int/float values) to ``path`` (atomically)."""
     from nets.rnn import PatientRNN
-    from pipeline.io import atomic_path
+    from pipeline.io import write_torch
 
     kinds = {NoisyOR: "noisy_or", SizeRule: "size", PatientRNN: "rnn"}
     if type(model) not in kinds:
@@ -130,11 +129,7 @@ def save_patient_model(model: nn.Module, path, *, info: dict | None = None) -> P
     state = {"format": FORMAT, "kind": kinds[type(model)], "arch": dict(model.arch),
              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "info": dict(info or {})}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-    return Path(path)
+    return write_torch(state, path)
 
 
 def load_patient_model(path) -> nn.Module:

@@ -13,7 +13,8 @@ import numpy as np
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "write_volume", "nifti_affine", "write_csv", "write_json", "write_text"]
+__all__ = ["atomic_path", "write_volume", "nifti_affine", "write_csv", "write_json", "write_text",
+           "write_torch"]
 
 
 @contextlib.contextmanager
@@ -143,4 +144,18 @@ def write_text(text: str, path) -> Path:
     """Text through a temporary file."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+    return Path(path)
+
+
+def write_torch(obj, path) -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary file.  Saved to a buffer first:
+    ``torch.save`` to a file names the archive inside after the (random) temporary name."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
     return Path(path)
