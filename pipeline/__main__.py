@@ -7,6 +7,7 @@
                           settings in ``configs/train.yaml``)
 ``train-lesions``         train the lung mask's lesion net (:mod:`pipeline.lesion_training`)
 ``benchmark-data``        build the LIDC-shape benchmark (:mod:`synth.benchmark_data`)
+``luna16-tree``           write a benchmark in LUNA16's layout (:mod:`synth.luna16_tree`)
 ``bench``                 run the benchmarks (:mod:`bench.__main__`)
 ========================  ===================================================================
 
@@ -45,6 +46,8 @@ COMMANDS = {
                        "patient models (RNN, noisy-OR, size), choose on validation", logging.WARNING),
     "benchmark-data": ("synth.benchmark_data", "build the LIDC-shape benchmark (real nodule "
                        "outlines in CT backgrounds)", logging.INFO),
+    "luna16-tree": ("synth.luna16_tree", "write a benchmark in LUNA16's layout (subset0..9, "
+                    "annotations, candidates_V2, seriesuids)", logging.WARNING),
     "bench": ("bench.__main__", "run the benchmarks (JSON under bench/)", logging.WARNING),
 }
 
