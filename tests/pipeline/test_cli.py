@@ -34,7 +34,7 @@ def test_version_without_an_installed_package_is_pyprojects(monkeypatch):
 
 @pytest.mark.parametrize("command, flag", [("run", "--config"), ("evaluate", "--annotations"),
                                            ("train", "--config"), ("train-lesions", "--lopo"),
-                                           ("benchmark-data", "--n-scans"),
+                                           ("benchmark-data", "--n-scans"), ("luna16-tree", "--bench"),
                                            ("bench", "--only")])
 def test_every_subcommand_has_help(capsys, command, flag):
     with pytest.raises(SystemExit) as info:
@@ -49,7 +49,8 @@ def test_top_level_help_lists_every_subcommand(capsys):
         cli.main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("run", "evaluate", "train", "train-lesions", "benchmark-data", "bench"))
+    assert all(name in out for name in ("run", "evaluate", "train", "train-lesions", "benchmark-data", "luna16-tree",
+                                           "bench"))
 
 
 @pytest.mark.parametrize("command, module", [("train", "pipeline.training"), ("bench", "bench.__main__")])
@@ -72,7 +73,7 @@ def test_makefile_targets_call_the_subcommands():
     modules = {m for m, _ in called}
     assert modules == {"pip", "pipeline", "pytest"}, modules  # pip: the venv stamp
     subcommands = {sub for m, sub in called if m == "pipeline"}
-    assert subcommands == {"run", "evaluate", "train", "train-lesions", "benchmark-data", "bench"}
+    assert subcommands == {"run", "evaluate", "train", "train-lesions", "benchmark-data", "luna16-tree", "bench"}
 
 
 # ----------------------------------------------------------------------------- train
