@@ -216,7 +216,9 @@ def _slice_image(arr: np.ndarray, k: int, transpose: bool, flip_rows: bool, flip
 
 def _mask_on_slice(ct: Volume, k: int, mask: Volume) -> np.ndarray:
     """``mask`` (any grid) sampled at the pixel centres of ``ct``'s slice ``k`` (nearest voxel;
-    0 outside it), shape ``ct.shape[1:]``."""
+    0 outside it), shape ``ct.shape[1:]``; a mask on ``ct``'s own grid is read as it is."""
+    if mask.same_geometry(ct):
+        return (mask.array[k] > 0).astype(np.uint8)
     rows, cols = np.meshgrid(np.arange(ct.shape[1]), np.arange(ct.shape[2]), indexing="ij")
     index = np.stack([np.full(rows.shape, k), rows, cols], axis=-1).reshape(-1, 3)
     at = np.round(mask.world_to_index(ct.index_to_world(index))).astype(np.int64)

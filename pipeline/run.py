@@ -430,8 +430,8 @@ def _write_outputs(scan_dir: Path, values: dict, *, pictures: int, save_ct: bool
         os.unlink(old)
     if cands is not None and pictures:
         save_candidate_pictures(ct, cands.head(pictures), scan_dir, mask=mask)
+    source_mask = native if native is not None else mask  # the mask on the source grid, made once
     save_finding_pictures(values.get("ct", ct), None if cands is None else cands.head(pictures), scan_dir,
-                          mask=mask)
-    # DICOM inputs: SEG (of the mask on the source grid, made once above) and SR
-    return write_dicom_outputs(scan_dir, {**values, "lung_mask": native if native is not None else mask},
-                               **(outputs or {}))
+                          mask=source_mask)
+    # DICOM inputs: SEG (of the mask on the source grid) and SR
+    return write_dicom_outputs(scan_dir, {**values, "lung_mask": source_mask}, **(outputs or {}))

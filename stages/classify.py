@@ -139,6 +139,18 @@ def _one_finding_per_mass(out: pd.DataFrame) -> pd.DataFrame:
     return out[~member]
 
 
+def _load_weights(weights, device):
+    """The classifier in ``weights`` (default :data:`DEFAULT_WEIGHTS`; a relative path not
+    found from here is taken from the repository root), loaded once per file version."""
+    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+    if not path.is_absolute() and not path.exists():
+        path = DEFAULT_WEIGHTS.parent.parent / path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: classifier weights not found; train them with `make train` "
+                                "or remove 'classify' from the config's stages")
+    return _model(str(path), path.stat().st_mtime_ns, device)
+
+
 @lru_cache(maxsize=4)
 def _model(path: str, mtime_ns: int, device):
     from nets.cnn3d import load_classifier
@@ -205,13 +217,7 @@ def classify_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=No
         raise ValueError(f"tta_top must be >= 0 or None, got {tta_top!r}")
     if max_candidates is not None and max_candidates < 1:
         raise ValueError(f"max_candidates must be >= 1 or None, got {max_candidates!r}")
-    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-    if not path.is_absolute() and not path.exists():
-        path = DEFAULT_WEIGHTS.parent.parent / path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: classifier weights not found; train them with `make train` "
-                                "or remove 'classify' from the config's stages")
-    model = _model(str(path), path.stat().st_mtime_ns, device)
+    model = _load_weights(weights, device)
     out = candidates.copy()
     if len(out) == 0:
         out["probability"] = pd.Series(dtype=float)
@@ -289,12 +295,7 @@ def embed_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=None,
 
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top!r}")
-    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-    if not path.is_absolute() and not path.exists():
-        path = DEFAULT_WEIGHTS.parent.parent / path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: classifier weights not found")
-    model = _model(str(path), path.stat().st_mtime_ns, device)
+    model = _load_weights(weights, device)
     order = np.argsort(-candidates["probability"].to_numpy(float), kind="stable")[:top]
     best = candidates.iloc[order]
     cols = [f"emb_{i:03d}" for i in range(model.embed_dim)]

@@ -74,7 +74,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import threading
 import warnings
 from collections import Counter, defaultdict
@@ -411,7 +410,7 @@ def _library_noise_muted():
     pydicom's warnings and log lines, and what compiled decoders write to the process's
     stderr (a Rust decoder's panic message, a C library's complaint).  The reason reaches the
     user once, as our own one-line error or skip reason.  Holds a lock: fd 2 is per process."""
-    with _QUIET_LOCK, tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+    with _QUIET_LOCK, open(os.devnull, "wb") as sink, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pydicom_log = logging.getLogger("pydicom")
         level = pydicom_log.level
@@ -794,12 +793,17 @@ def _garbled_slices(hu: np.ndarray, check: list[int], bad: dict[int, str]) -> di
     ``bad``.  Catches gross corruption only: a damaged JPEG 2000 code block that changes a
     few HU is not seen."""
     usable = [i for i in range(len(hu)) if i not in bad]
-    if len(usable) < 3:
+    if len(usable) < 3 or not check:
         return {}
     where = {i: j for j, i in enumerate(usable)}
+    seen: dict[tuple[int, int], float] = {}  # each pair once: a slice's neighbour differences
+    # are its neighbours' own (about 1 ms a 512x512 pair)
 
     def diff(a: int, b: int) -> float:
-        return float(np.abs(hu[a].astype(np.float32) - hu[b]).mean())
+        key = (min(a, b), max(a, b))
+        if key not in seen:
+            seen[key] = float(np.abs(hu[key[0]].astype(np.float32) - hu[key[1]]).mean())
+        return seen[key]
 
     out = {}
     for i in check:
