@@ -43,11 +43,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_classifier", "find_scans", "split_scans", "label_candidates",
+__all__ = ["train_classifier", "train_folds", "fold_subsets", "predict_fold", "find_scans", "split_scans", "label_candidates",
            "build_cube_cache", "add_arguments", "run_from_args", "main", "WEIGHTS_NAME",
            "TRAIN_CONFIG"]
 
@@ -316,7 +316,8 @@ class H5Cubes:
 
 # ---------------------------------------------------------------------- training
 def _prepare_cache(data: Path, out: Path, *, seed, max_neg_per_scan, size_mm, spacing_mm, device,
-                   cache_dir, progress, detect_max_candidates, lung_neg_per_scan=0):
+                   cache_dir, progress, detect_max_candidates, lung_neg_per_scan=0,
+                   negatives="auto"):
     """Scans, candidates and labels of ``data``'s train/val splits, cut into a cube cache
     (built unless it exists); returns ``(cache path, candidate source, scans per split)``."""
     from pipeline.luna16 import read_annotations, read_candidates, read_excluded
@@ -327,13 +328,21 @@ def _prepare_cache(data: Path, out: Path, *, seed, max_neg_per_scan, size_mm, sp
     scans["split"] = split_scans(scans)
     scans = scans[scans["split"].isin(["train", "val"])].reset_index(drop=True)
     annotations = _read_table(data, read_annotations, "annotations.csv", scans)
+    from pipeline.luna16_cache import NEGATIVES
+
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}; got {negatives!r}")
     try:
+        if negatives == "detector":
+            raise FileNotFoundError("the detector's candidates were asked for")
         cands = _read_table(data, read_candidates, "candidates_V2.csv", scans)
         cand_source = "candidates_V2.csv"
     except FileNotFoundError:
+        if negatives == "candidates":
+            raise
         cands = _detected_candidates(scans, annotations, rng, max_neg_per_scan, device=str(dev),
                                      max_candidates=detect_max_candidates, n_lung=lung_neg_per_scan)
-        cand_source = "detected (no candidates_V2.csv)"
+        cand_source = "detected" + (" (no candidates_V2.csv)" if negatives == "auto" else "")
     cands = cands[cands["seriesuid"].isin(scans["seriesuid"])]
     try:  # findings LUNA16 ignores (< 3 mm): neither nodule nor non-nodule examples
         excluded = _read_table(data, read_excluded, "annotations_excluded.csv", scans)
@@ -355,6 +364,170 @@ def _prepare_cache(data: Path, out: Path, *, seed, max_neg_per_scan, size_mm, sp
     return cache, cand_source, {s: int((scans["split"] == s).sum()) for s in ("train", "val")}
 
 
+# ---------------------------------------------------------------------- LUNA16 folds
+#: A fold's record, written last: ``{"fold", "train_subsets", "val_subset", "test_subset",
+#: "test_seriesuids", "done": true, ...}``.
+FOLD_JSON = "fold.json"
+#: A fold's scores of its test subset, LUNA16 submission columns.
+PREDICTIONS_CSV = "predictions.csv"
+PREDICTION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+
+
+def fold_subsets(n_subsets: int, fold: int) -> dict:
+    """The subsets of fold ``fold`` of ``n_subsets``: test ``fold``, validation
+    ``(fold + 1) % n_subsets``, training the others.
+
+    Raises
+    ------
+    ValueError
+        ``n_subsets < 3`` or ``fold`` not in ``0 .. n_subsets - 1``.
+
+    Examples
+    --------
+    >>> fold_subsets(10, 9)
+    {'train': [1, 2, 3, 4, 5, 6, 7, 8], 'val': 0, 'test': 9}
+    """
+    if n_subsets < 3:
+        raise ValueError(f"cross-validation needs at least 3 subsets, got {n_subsets}")
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < n_subsets:
+        raise ValueError(f"fold must be an int in 0..{n_subsets - 1}, got {fold!r}")
+    val = (int(fold) + 1) % n_subsets
+    return {"train": [k for k in range(n_subsets) if k not in (fold, val)], "val": val,
+            "test": int(fold)}
+
+
+def _subset_numbers(subsets) -> list[int]:
+    """``[0, 1, ...]`` of the folder names ``subset0, subset1, ...``, which must be all there."""
+    nums = sorted(int(str(s)[len("subset"):]) for s in set(subsets)
+                  if str(s).startswith("subset") and str(s)[len("subset"):].isdigit())
+    if nums != list(range(len(nums))) or len(nums) != len(set(subsets)):
+        raise ValueError(f"a LUNA16 tree has subset0..subset{len(nums) - 1} and no other scan "
+                         f"folder; found {sorted(set(map(str, subsets)))}")
+    return nums
+
+
+def _fold_info(manifest: pd.DataFrame, fold: int, data: Path) -> dict:
+    """``fold.json``'s split part, plus the entries of each part under ``_<part>_entries``."""
+    n = len(_subset_numbers(manifest["subset"]))
+    parts = fold_subsets(n, fold)
+    number = manifest["subset"].str[len("subset"):].astype(int)
+    rows = {"train": manifest[number.isin(parts["train"])], "val": manifest[number == parts["val"]],
+            "test": manifest[number == parts["test"]]}
+    return {"fold": int(fold), "train_subsets": parts["train"], "val_subset": parts["val"],
+            "test_subset": parts["test"], "test_seriesuids": rows["test"]["seriesuid"].tolist(),
+            "n_train_scans": len(rows["train"]), "n_val_scans": len(rows["val"]),
+            "data": str(data), **{f"_{k}_entries": v["entry"].tolist() for k, v in rows.items()}}
+
+
+def _fold_done(fold_out: Path) -> dict | None:
+    """The fold's ``fold.json`` when it says done, else None."""
+    try:
+        info = json.loads((fold_out / FOLD_JSON).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return info if info.get("done") is True else None
+
+
+def predict_fold(weights, entries, *, device=None) -> pd.DataFrame:
+    """Score every cached candidate of ``entries`` with the classifier ``weights``.
+
+    Each entry's candidates are scored on its cached 1 mm CT by
+    :func:`stages.classify.classify_candidates` with the screen's defaults (cubes cut as in
+    training, test-time flips for each scan's best 100, nearby marks demoted), so the
+    probabilities are the ones the screen would give these candidates.  Candidates of
+    ``candidates_V2.csv`` have no detector score: ties keep the file's order.
+
+    Returns
+    -------
+    DataFrame
+        :data:`PREDICTION_COLUMNS` (LUNA16's submission: world mm), every candidate once,
+        scans in ``entries`` order, most probable first within a scan.
+    """
+    from pipeline.luna16_cache import read_test_scan
+    from stages.classify import classify_candidates
+
+    frames = []
+    for entry in entries:
+        ct, cands = read_test_scan(entry)
+        if not len(cands):
+            continue
+        if "score" not in cands:
+            cands["score"] = 0.0
+        scored = classify_candidates(ct, cands, weights=weights, device=device)
+        frames.append(scored[PREDICTION_COLUMNS])
+    if not frames:
+        return pd.DataFrame(columns=PREDICTION_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _reporter(progress):
+    """The :class:`pipeline.progress.Reporter` of ``progress`` (None: auto, True: bars,
+    False: quiet)."""
+    from pipeline.progress import Reporter
+
+    return Reporter({None: "auto", True: "bar", False: "quiet"}[progress])
+
+
+def _epoch_lines(reporter, name: str):
+    """A callback writing one reporter line per epoch (log mode: off a terminal), e.g.
+    ``fold 3: epoch 2/10 train_loss=0.31 valid_loss=0.28 roc_auc=0.91 (12.3 s)``.  Defined
+    here, on first use: importing :mod:`nets.callbacks` imports torch."""
+    from nets.callbacks.core import Callback
+
+    class EpochLines(Callback):
+        order = 65
+
+        def after_epoch(self):
+            row = self.learn.recorder.values[-1] if self.learn.recorder.values else {}
+            vals = " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                            if k not in ("epoch", "time_s", "lr") and isinstance(v, float))
+            reporter.line(name, f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch} {vals} "
+                                f"({row.get('time_s', 0.0):.1f} s)")
+
+    return EpochLines()
+
+
+def train_folds(data, out="models", folds="all", **settings) -> list[dict]:
+    """LUNA16 cross-validation: :func:`train_classifier` with ``fold=K`` for each of ``folds``.
+
+    Parameters
+    ----------
+    data : str or Path
+        The LUNA16 root (``subset0..subset<n-1>``).
+    out : str or Path
+        Gets ``fold_K/`` per fold and ``cache/`` (the shared preprocessing) unless
+        ``cache_dir`` says otherwise.
+    folds : "all" or iterable of int
+        ``"all"``: one fold per subset, in order.  Folds already done (``fold.json``) are
+        skipped; an interrupted one resumes from its checkpoint.
+    **settings
+        :func:`train_classifier`'s keywords (``fold`` excepted).
+
+    Returns
+    -------
+    list of dict
+        :func:`train_classifier`'s result per fold (``{"skipped": True, ...}`` when done).
+    """
+    from pipeline.luna16 import find_luna_scans
+
+    if "fold" in settings:
+        raise ValueError("give fold or folds, not both")
+    nums = _subset_numbers(find_luna_scans(data)["subset"])
+    if isinstance(folds, str):
+        if folds != "all":
+            raise ValueError(f"folds must be 'all' or fold numbers, got {folds!r}")
+        folds = nums
+    folds = [int(k) for k in folds]
+    for k in folds:
+        fold_subsets(len(nums), k)  # checks every fold number before anything runs
+    reporter = _reporter(settings.get("progress"))
+    results = []
+    for i, k in enumerate(folds):
+        reporter.line(f"fold {k}", f"fold {i + 1} of {len(folds)}")
+        results.append(train_classifier(data, out, fold=k, **settings))
+    return results
+
+
 def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 32,
                      lr: float = 3e-3, weight_decay: float = 1e-4, pos_fraction: float = 0.25,
                      max_neg_per_scan: int = 200, size_mm: float = 32.0, spacing_mm: float = 1.0,
@@ -362,7 +535,9 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
                      seed: int = 0, device=None, workers: int = 0, resume: bool = False,
                      cache_dir=None, progress: bool | None = None, command: str = "",
                      cache_file=None, detect_max_candidates: int | None = DETECT_MAX_CANDIDATES,
-                     lung_neg_per_scan: int = LUNG_NEG_PER_SCAN, init_weights=None) -> dict:
+                     lung_neg_per_scan: int = LUNG_NEG_PER_SCAN, init_weights=None,
+                     negatives: str = "auto", fold: int | None = None,
+                     prep_workers: int = 1) -> dict:
     """Train the false-positive classifier; write weights, model card, log and checkpoint.
 
     Returns a dict with the written paths, the data counts and the last epoch's metrics.
@@ -374,6 +549,18 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     ``init_weights``: fine-tune, starting from the weights of an earlier classifier file
     (its architecture and cube settings must match; ``widths`` and ``dropout`` are taken
     from it) instead of a random initialisation.
+    ``negatives``: ``"candidates"`` (``candidates_V2.csv``), ``"detector"`` (lungscreen's own
+    candidates) or ``"auto"`` (the first when the tree has it).
+
+    ``fold=K`` (LUNA16 10-fold cross-validation, ``data`` a ``subset0..9`` tree): the tree is
+    preprocessed once into per-scan entries under ``cache_dir`` (default ``out/cache``,
+    shared by the folds; :func:`pipeline.luna16_cache.preprocess_luna16`, ``prep_workers``
+    processes), the model trains on the entries of every subset but K and (K+1) mod n
+    (validation) and never opens subset K's files; then it scores every candidate of
+    subset K.  Everything goes to ``out/fold_K/``: the weights, card, log, checkpoint (a
+    rerun resumes from it), ``predictions.csv`` (``seriesuid,coordX,coordY,coordZ,
+    probability``, world mm) and, last, ``fold.json`` (``"done": true``; a fold whose
+    ``fold.json`` says done is skipped).  See :func:`train_folds`.
     """
     import torch
 
@@ -390,7 +577,40 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
                          f"{epochs}, {batch_size}, {max_neg_per_scan}")
     out = Path(out)
     dev = pick_device(device)
-    if cache_file is not None:  # train straight from a cube cache (e.g. built on another machine)
+    fold_info = None
+    reporter = _reporter(progress)
+    if fold is not None:  # LUNA16 cross-validation: per-scan entries, one fold's subsets
+        if cache_file is not None:
+            raise ValueError("a fold reads the LUNA16 tree's cache; give --data, not --from-cache")
+        if data is None:
+            raise ValueError("a fold needs --data, the LUNA16 root (subset0..subset9)")
+        data = Path(data)
+        fold_out = out / f"fold_{int(fold)}"
+        done = _fold_done(fold_out)
+        if done is not None:
+            reporter.line(f"fold {fold}", f"done already ({fold_out / FOLD_JSON}); skipped")
+            return {"fold": done, "skipped": True, "out": fold_out}
+        from pipeline.luna16_cache import EntryCubes, preprocess_luna16
+
+        manifest = preprocess_luna16(
+            data, Path(cache_dir) if cache_dir is not None else out / "cache", negatives=negatives,
+            size_mm=size_mm, spacing_mm=spacing_mm, max_neg_per_scan=max_neg_per_scan,
+            lung_neg_per_scan=lung_neg_per_scan, detect_max_candidates=detect_max_candidates,
+            seed=seed, workers=prep_workers, device=str(dev), progress=reporter.mode)
+        fold_info = _fold_info(manifest, int(fold), data)
+        cubes = {s: EntryCubes(fold_info.pop(f"_{s}_entries")) for s in ("train", "val")}
+        labels = {s: cubes[s].labels for s in ("train", "val")}
+        n_scans = {"train": fold_info["n_train_scans"], "val": fold_info["n_val_scans"]}
+        cache = Path(manifest["entry"].iloc[0]).parent.parent
+        cand_source = (f"{manifest.attrs['negatives']} (LUNA16 fold {fold}: train subsets "
+                       f"{','.join(map(str, fold_info['train_subsets']))}, validation subset "
+                       f"{fold_info['val_subset']}; test subset {fold} never read in training)")
+        out, resume = fold_out, True
+        reporter.line(f"fold {fold}", f"training on {n_scans['train']} scans "
+                                      f"({len(labels['train'])} cubes), validating on "
+                                      f"{n_scans['val']}; test subset{fold}: "
+                                      f"{len(fold_info['test_seriesuids'])} scans")
+    elif cache_file is not None:  # train straight from a cube cache (e.g. built on another machine)
         cache = Path(cache_file)
         if not cache.is_file():
             raise FileNotFoundError(f"{cache}: cube cache not found; build one with a run on --data")
@@ -405,11 +625,14 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         cache, cand_source, n_scans = _prepare_cache(
             data, out, seed=seed, max_neg_per_scan=max_neg_per_scan, size_mm=size_mm,
             spacing_mm=spacing_mm, device=dev, cache_dir=cache_dir, progress=progress,
-            detect_max_candidates=detect_max_candidates, lung_neg_per_scan=lung_neg_per_scan)
-    import h5py
+            detect_max_candidates=detect_max_candidates, lung_neg_per_scan=lung_neg_per_scan,
+            negatives=negatives)
+    if fold is None:
+        import h5py
 
-    with h5py.File(cache, "r") as h5:
-        labels = {s: h5[s]["labels"][:].astype(np.float32) for s in ("train", "val")}
+        with h5py.File(cache, "r") as h5:
+            labels = {s: h5[s]["labels"][:].astype(np.float32) for s in ("train", "val")}
+        cubes = {s: H5Cubes(cache, s) for s in ("train", "val")}
     counts = {s: {"cubes": int(len(labels[s])), "positives": int(labels[s].sum()),
                   "scans": int(n_scans[s])} for s in ("train", "val")}
     if counts["train"]["positives"] == 0 or counts["train"]["positives"] == counts["train"]["cubes"]:
@@ -418,12 +641,12 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
 
     set_seed(seed)
     aug = partial(augment_cube, scale_range=(0.9, 1.1))
-    train_ds = CubeDataset(H5Cubes(cache, "train"), labels["train"], augment=aug)
+    train_ds = CubeDataset(cubes["train"], labels["train"], augment=aug)
     sampler = PositiveFractionSampler(labels["train"], batch_size, pos_fraction)
     loader = partial(torch.utils.data.DataLoader, num_workers=workers,
                      pin_memory=dev.type == "cuda", persistent_workers=workers > 0)
     train_dl = loader(train_ds, batch_sampler=sampler)
-    valid_dl = (loader(CubeDataset(H5Cubes(cache, "val"), labels["val"]), batch_size=2 * batch_size)
+    valid_dl = (loader(CubeDataset(cubes["val"], labels["val"]), batch_size=2 * batch_size)
                 if counts["val"]["cubes"] else None)
     if init_weights is not None:
         model = _init_model(init_weights, size_mm=size_mm, spacing_mm=spacing_mm)
@@ -434,6 +657,8 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
            MixedPrecision()]
     if patience and valid_dl is not None:
         cbs.append(EarlyStopping("valid_loss", patience=patience))
+    if reporter.mode == "log":
+        cbs.append(_epoch_lines(reporter, "training" if fold is None else f"fold {fold}"))
     learn = Learner(model, DataLoaders(train_dl, valid_dl),
                     lambda p, y: torch.nn.functional.binary_cross_entropy_with_logits(p.float(), y),
                     lr=lr or 1e-3, wd=weight_decay, cbs=cbs, metrics=[roc_auc, accuracy], device=dev,
@@ -465,6 +690,20 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     _write_card(result, model=learn.model, data=data, command=command, seed=seed, epochs=epochs,
                 lr=lr, batch_size=batch_size, pos_fraction=pos_fraction, size_mm=size_mm,
                 max_neg_per_scan=max_neg_per_scan, weight_decay=weight_decay)
+    if fold_info is not None:
+        t0 = time.perf_counter()
+        preds = predict_fold(weights, fold_info.pop("_test_entries"), device=dev)
+        result["predictions"] = write_csv(preds, out / PREDICTIONS_CSV)
+        fold_info.update({"done": True, "negatives": manifest.attrs["negatives"],
+                          "n_predictions": len(preds), "weights": WEIGHTS_NAME,
+                          "train_s": round(train_s, 2), "predict_s": round(time.perf_counter() - t0, 2),
+                          "epochs_run": len(history), "seed": int(seed),
+                          "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        write_json(fold_info, out / FOLD_JSON)
+        result["fold"] = fold_info
+        reporter.line(f"fold {fold}", f"done: {len(preds)} candidates of "
+                                      f"{len(fold_info['test_seriesuids'])} test scans scored "
+                                      f"-> {out / PREDICTIONS_CSV}")
     return result
 
 
@@ -587,6 +826,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--init-weights", metavar="PT",
                    help="fine-tune from this classifier file (e.g. models/nodule_cnn3d.pt) "
                         "instead of random weights")
+    p.add_argument("--negatives", choices=["auto", "candidates", "detector"],
+                   help="the non-nodule examples and the scored candidates: LUNA16's "
+                        "candidates_V2.csv, lungscreen's detector, or auto (the first when the "
+                        "tree has it) " + _default("negatives"))
+    p.add_argument("--fold", type=int, metavar="K",
+                   help="LUNA16 cross-validation fold K: train on the subsets but K and K+1, "
+                        "validate on subset (K+1) mod 10, score every candidate of subset K; "
+                        "writes OUT/fold_K/ (predictions.csv, fold.json) and resumes it")
+    p.add_argument("--folds", metavar="all|K,K,...",
+                   help="run these folds one after another (all: the ten), skipping done ones")
+    p.add_argument("--prep-workers", type=int,
+                   help="processes preprocessing the LUNA16 tree for --fold/--folds (the cache "
+                        f"OUT/cache, shared by the folds) {_default('prep_workers')}")
     return parser
 
 
@@ -638,10 +890,30 @@ def run_from_args(args: argparse.Namespace) -> int:
         data = settings.pop("data", None)
         if data is None and settings.get("cache_file") is None:
             raise ValueError("give --data DIR (a LUNA16-like tree) or --from-cache H5")
+        folds = getattr(args, "folds", None)
+        if folds is not None:
+            if settings.get("fold") is not None:
+                raise ValueError("give --fold K or --folds, not both")
+            settings.pop("fold", None)
+            if folds != "all":
+                try:
+                    folds = [int(k) for k in folds.split(",")]
+                except ValueError:
+                    raise ValueError(f"--folds takes 'all' or fold numbers like 0,3,5; got {folds!r}") from None
+            results = train_folds(data, command=getattr(args, "command_line", ""), folds=folds,
+                                  **settings)
+            print(json.dumps([{"fold": r["fold"]["fold"], "skipped": bool(r.get("skipped")),
+                               "predictions": str(Path(r.get("out") or r["weights"].parent)
+                                                  / PREDICTIONS_CSV)} for r in results], indent=1))
+            return 0
         res = train_classifier(data, command=getattr(args, "command_line", ""), **settings)
     except (FileNotFoundError, ValueError, ScanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if res.get("skipped"):
+        print(json.dumps({"fold": res["fold"]["fold"], "skipped": True,
+                          "predictions": str(res["out"] / PREDICTIONS_CSV)}))
+        return 0
     print(json.dumps({"weights": str(res["weights"]), "card": str(res["card"]),
                       "log": str(res["log"]), "counts": res["counts"],
                       "final": {k: round(v, 4) if isinstance(v, float) else v
