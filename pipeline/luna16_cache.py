@@ -320,10 +320,11 @@ def preprocess_luna16(data, cache_dir, *, negatives: str, size_mm: float, spacin
     tables = {"annotations": ann, "excluded": excl}
     if source == "candidates":
         tables["candidates"] = read_candidates(data)[["seriesuid", "coordX", "coordY", "coordZ", "class"]]
+    detector = source == "detector"  # the detector's settings do not change a candidates entry
     settings = {"format": ENTRY_FORMAT, "negatives": source, "size_mm": float(size_mm),
                 "spacing_mm": float(spacing_mm), "max_neg_per_scan": int(max_neg_per_scan),
-                "lung_neg_per_scan": int(lung_neg_per_scan), "seed": int(seed),
-                "detect_max_candidates": detect_max_candidates}
+                "lung_neg_per_scan": int(lung_neg_per_scan) if detector else None, "seed": int(seed),
+                "detect_max_candidates": detect_max_candidates if detector else None}
     by_uid = {name: dict(tuple(t.groupby("seriesuid"))) for name, t in tables.items()}
     entries, todo = [], []
     empty = {name: t.iloc[:0] for name, t in tables.items()}

@@ -512,7 +512,10 @@ def train_folds(data, out="models", folds="all", **settings) -> list[dict]:
 
     if "fold" in settings:
         raise ValueError("give fold or folds, not both")
-    nums = _subset_numbers(find_luna_scans(data)["subset"])
+    scans = find_luna_scans(data)
+    if scans.empty:
+        raise FileNotFoundError(f"no subset*/*.mhd under {data}; pass the LUNA16 root as --data")
+    nums = _subset_numbers(scans["subset"])
     if isinstance(folds, str):
         if folds != "all":
             raise ValueError(f"folds must be 'all' or fold numbers, got {folds!r}")
