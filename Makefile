@@ -15,8 +15,9 @@ MODELS   ?= models
 EVAL_OUT ?= out/eval
 BENCH    ?= $(BENCH_DATA)
 LUNA16_TREE ?= data/luna16-tree
+FOLDS_OUT ?= out/folds
 
-.PHONY: run test bench eval train train-lesions benchmark-data luna16-tree venv clean
+.PHONY: run test bench eval train train-folds train-lesions benchmark-data luna16-tree venv clean
 
 venv: $(STAMP)
 
@@ -47,6 +48,11 @@ luna16-tree: $(STAMP)
 # train the 3D CNN on a LUNA16 tree (DATA=/path/to/luna16) or on the benchmark; settings: configs/train.yaml
 train: $(STAMP)
 	$(BIN)/python -m pipeline train --data "$(DATA)" --out "$(MODELS)" $(ARGS)
+
+# LUNA16 10-fold cross-validation on a subset0..9 tree: preprocessed once (FOLDS_OUT/cache), then
+# fold_0..fold_9 (weights, predictions.csv of the held-out subset, fold.json); rerun to resume
+train-folds: $(STAMP)
+	$(BIN)/python -m pipeline train --data "$(DATA)" --folds all --out "$(FOLDS_OUT)" $(ARGS)
 
 # the lung mask's lesion net: leave each real patient out in turn (scored), then train on all
 train-lesions: $(STAMP)
