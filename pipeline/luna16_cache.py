@@ -3,10 +3,14 @@
 :func:`preprocess_luna16` reads each ``subset*/<seriesuid>.mhd`` once and writes
 ``CACHE/subset<k>/<seriesuid>.<key>.h5`` holding
 
-* ``ct``: the scan resampled to 1 mm (int16 HU, ``(z, y, x)``, gzip), exactly the screen's
-  ``ct_1mm`` (:func:`stages.resample.resample`), with its geometry as attributes
-  (``spacing_mm``, ``origin_mm``, ``direction``);
-* ``lung_mask``: :func:`stages.lungmask.segment_lungs` of it (uint8, 1 right, 2 left);
+* ``ct``: the scan resampled to 1 mm (int16 HU, ``(z, y, x)``, gzip), the screen's
+  ``ct_1mm`` (:func:`stages.resample.resample`) cut to the box holding the lungs and every
+  candidate's cube (:func:`crop_box`: a cube cut from it equals one cut from the whole
+  ``ct_1mm``), with its geometry as attributes (``spacing_mm``, ``origin_mm`` of the box,
+  ``direction``); the entry's ``ct_1mm_shape`` and ``crop_start_zyx`` place it in the
+  whole;
+* ``lung_mask``: :func:`stages.lungmask.segment_lungs` of the whole ``ct_1mm`` (uint8,
+  1 right, 2 left), cut to the same box;
 * ``test/``: every candidate of the scan from the chosen source (``centre_xyz_mm``,
   ``class``; from the detector also ``diameter_mm``, ``score``, ``finding``), what a fold
   scores when the scan is in its test subset;
@@ -49,13 +53,13 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["preprocess_luna16", "preprocess_scan", "open_entry", "read_test_scan",
+__all__ = ["preprocess_luna16", "preprocess_scan", "open_entry", "read_test_scan", "crop_box",
            "EntryCubes", "resolve_negatives", "NEGATIVES", "LOG_NAME"]
 
 #: Sources of the negatives; ``"auto"``: ``candidates_V2.csv`` when the tree has it.
 NEGATIVES = ("auto", "candidates", "detector")
 #: Bumped whenever an entry's content changes, so older entries are not reused.
-ENTRY_FORMAT = "luna16-cache-v1"
+ENTRY_FORMAT = "luna16-cache-v2"
 #: The per-scan work log in the cache folder.
 LOG_NAME = "preprocess.log"
 #: Voxel size (mm) of the cached CT: the screen's ``ct_1mm``.
@@ -216,12 +220,19 @@ def preprocess_scan(path, entry, *, seriesuid: str, subset: str, candidates, ann
                                      lung_neg_per_scan=lung_neg_per_scan, seed=seed)
     cubes = extract_patches(ct, centres_xyz_mm=centres, size_mm=size_mm, spacing_mm=spacing_mm)
     cubes = np.clip(np.rint(cubes), -32768, 32767).astype(np.int16)
+    box = crop_box(ct, mask, np.concatenate([test[["coordX", "coordY", "coordZ"]].to_numpy(float),
+                                             centres]).reshape(-1, 3),
+                   np.concatenate([_reach_mm(test, size_mm, spacing_mm),
+                                   np.full(len(centres), size_mm / 2)]))
+    full_shape = ct.shape
+    ct, mask = _crop(ct, box), _crop(mask, box)
     entry = Path(entry)
     with atomic_path(entry) as tmp:
         with h5py.File(tmp, "w", track_order=True) as h5:
             h5.attrs.update({"format": ENTRY_FORMAT, "seriesuid": seriesuid, "subset": subset,
                              "negatives": negatives, "size_mm": float(size_mm),
-                             "spacing_mm": float(spacing_mm)})
+                             "spacing_mm": float(spacing_mm), "ct_1mm_shape": full_shape,
+                             "crop_start_zyx": [b.start for b in box]})
             d = h5.create_dataset("ct", data=ct.array.astype(np.int16), chunks=True, **COMPRESSION)
             d.attrs.update({"spacing_mm": ct.spacing_mm, "origin_mm": ct.origin_mm,
                             "direction": np.asarray(ct.direction)})
@@ -246,6 +257,70 @@ def preprocess_scan(path, entry, *, seriesuid: str, subset: str, candidates, ann
         _write_log(Path(log_dir), f"done {subset} {seriesuid} {seconds:.2f} {size}\n")
     return {"seriesuid": seriesuid, "seconds": seconds, "bytes": size, "n_test": len(test),
             "n_train": len(labels)}
+
+
+def _reach_mm(test: pd.DataFrame, size_mm: float, spacing_mm: float) -> np.ndarray:
+    """Half the world extent (mm) of the cube the classify stage cuts around each candidate:
+    ``size_mm / 2``, more for a mass (sampled coarser, :data:`stages.classify.MASS_SPAN_SAMPLES`)."""
+    from stages.classify import MASS_SPAN_SAMPLES
+
+    reach = np.full(len(test), size_mm / 2)
+    if "finding" in test:
+        n_side = round(size_mm / spacing_mm)
+        mass = (test["finding"] == "mass").to_numpy()
+        step = np.maximum(spacing_mm, test["diameter_mm"].to_numpy(float) / MASS_SPAN_SAMPLES)
+        reach[mass] = n_side * step[mass] / 2
+    return reach
+
+
+def crop_box(ct, mask, centres_xyz_mm, reach_mm, *, margin_voxels: int = 2) -> tuple[slice, ...]:
+    """The part of ``ct`` an entry keeps: the lung mask's bounding box and every cube around
+    ``centres_xyz_mm`` (half edge ``reach_mm``, world mm), ``margin_voxels`` more for the
+    interpolation, within the scan.  Cubes cut from the crop equal those cut from ``ct``.
+
+    Returns
+    -------
+    tuple of slice
+        ``(z, y, x)`` index slices; the whole scan when there is neither lung nor candidate.
+
+    Examples
+    --------
+    >>> from stages.volume import Volume
+    >>> ct = Volume(np.zeros((50, 60, 70), np.int16), spacing_mm=(1.0, 1.0, 1.0))
+    >>> mask = ct.with_array(np.zeros(ct.shape, np.uint8))
+    >>> crop_box(ct, mask, [[30.0, 20.0, 10.0]], [4.0])
+    (slice(4, 17, None), slice(14, 27, None), slice(24, 37, None))
+    """
+    from scipy import ndimage as ndi
+
+    shape = np.array(ct.shape)
+    lo, hi = [], []
+    found = ndi.find_objects((np.asarray(mask.array) > 0).astype(np.uint8))
+    if found and found[0] is not None:
+        lo.append([s.start for s in found[0]])
+        hi.append([s.stop for s in found[0]])
+    centres = np.asarray(centres_xyz_mm, float).reshape(-1, 3)
+    if len(centres):
+        idx = ct.world_to_index(centres[:, ::-1])
+        # an axis-aligned world cube spans |direction^T| * reach / spacing voxels on each index axis
+        span = (np.abs(np.asarray(ct.direction)).T.sum(axis=1) / np.asarray(ct.spacing_mm))[None] \
+            * np.asarray(reach_mm, float).reshape(-1, 1)
+        lo.append(np.floor(idx - span).min(axis=0) - margin_voxels)
+        hi.append(np.ceil(idx + span).max(axis=0) + margin_voxels + 1)
+    if not lo:
+        return tuple(slice(0, n) for n in shape)
+    start = np.clip(np.min(lo, axis=0), 0, shape).astype(int)
+    stop = np.clip(np.max(hi, axis=0), 0, shape).astype(int)
+    if (stop <= start).any():  # every candidate outside the scan and no lung: keep it all
+        start, stop = np.zeros(3, int), shape
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def _crop(vol, box):
+    """``vol`` cut to ``box`` (index slices), its origin moved to the box's first voxel."""
+    start = [b.start for b in box]
+    return vol.with_array(np.ascontiguousarray(vol.array[box]),
+                          origin_mm=tuple(vol.index_to_world(start)))
 
 
 def _task(kwargs: dict) -> dict:

@@ -272,13 +272,22 @@ def test_entry_holds_the_screens_volumes_and_cubes(tmp_path):
     mask = segment_lungs(ct)
     found = find_candidates(ct, mask, device="cpu")
     got_ct, cands = luna16_cache.read_test_scan(entry)
-    assert np.array_equal(got_ct.array, ct.array) and got_ct.spacing_mm == ct.spacing_mm
-    assert got_ct.origin_mm == ct.origin_mm
+    with luna16_cache.open_entry(entry) as h5:
+        start, full_shape = h5.attrs["crop_start_zyx"], tuple(h5.attrs["ct_1mm_shape"])
+    box = tuple(slice(a, a + n) for a, n in zip(start, got_ct.shape))
+    assert full_shape == ct.shape and np.array_equal(got_ct.array, ct.array[box])
+    assert got_ct.spacing_mm == ct.spacing_mm
+    np.testing.assert_allclose(got_ct.origin_mm, ct.index_to_world(start))
     assert len(cands) == len(found) == res["n_test"] > 5
+    # the crop is smaller than the scan, and every candidate's cube is the whole scan's
+    assert np.prod(got_ct.shape) < 0.9 * np.prod(ct.shape)
+    xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy()
+    assert np.array_equal(extract_patches(got_ct, centres_xyz_mm=xyz, size_mm=16.0, spacing_mm=1.0),
+                          extract_patches(ct, centres_xyz_mm=xyz, size_mm=16.0, spacing_mm=1.0))
     np.testing.assert_allclose(cands[["coordX", "coordY", "coordZ"]], found[["coordX", "coordY", "coordZ"]])
     assert cands["finding"].tolist() == found["finding"].tolist()
     with luna16_cache.open_entry(entry) as h5:
-        assert np.array_equal(h5["lung_mask"][:], mask.array)
+        assert np.array_equal(h5["lung_mask"][:], mask.array[box]) and mask.array[box].sum() == mask.array.sum()
         labels, centres, cubes = h5["train/labels"][:], h5["train/centre_xyz_mm"][:], h5["train/cubes"][:]
     assert (labels == 0).sum() == 5 and (labels == 1).sum() >= 1
     nodule = ann[["coordX", "coordY", "coordZ"]].to_numpy()
