@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 import zlib
 from collections import OrderedDict
@@ -431,6 +432,8 @@ def preprocess_luna16(data, cache_dir, *, negatives: str, size_mm: float, spacin
             bar.update(1)
             if "error" in res:
                 errors.append(res["error"])
+                if rep.mode == "bar":
+                    bar.write(f"failed: {res['error']}", file=sys.stderr)
                 rep.line(res["seriesuid"], f"failed: {res['error']}")
                 continue
             results.append(res)

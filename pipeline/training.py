@@ -468,6 +468,16 @@ def _reporter(progress):
     return Reporter({None: "auto", True: "bar", False: "quiet"}[progress])
 
 
+def _say(reporter, who: str, text: str) -> None:
+    """``who: text`` as a reporter line off a terminal, above the bars on one."""
+    if reporter.mode == "bar":
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"{who}: {text}", file=sys.stderr)
+    else:
+        reporter.line(who, text)
+
+
 def _epoch_lines(reporter, name: str):
     """A callback writing one reporter line per epoch (log mode: off a terminal), e.g.
     ``fold 3: epoch 2/10 train_loss=0.31 valid_loss=0.28 roc_auc=0.91 (12.3 s)``.  Defined
@@ -526,7 +536,7 @@ def train_folds(data, out="models", folds="all", **settings) -> list[dict]:
     reporter = _reporter(settings.get("progress"))
     results = []
     for i, k in enumerate(folds):
-        reporter.line(f"fold {k}", f"fold {i + 1} of {len(folds)}")
+        _say(reporter, f"fold {k}", f"fold {i + 1} of {len(folds)}")
         results.append(train_classifier(data, out, fold=k, **settings))
     return results
 
@@ -591,7 +601,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         fold_out = out / f"fold_{int(fold)}"
         done = _fold_done(fold_out)
         if done is not None:
-            reporter.line(f"fold {fold}", f"done already ({fold_out / FOLD_JSON}); skipped")
+            _say(reporter, f"fold {fold}", f"done already ({fold_out / FOLD_JSON}); skipped")
             return {"fold": done, "skipped": True, "out": fold_out}
         from pipeline.luna16_cache import EntryCubes, preprocess_luna16
 
@@ -609,7 +619,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
                        f"{','.join(map(str, fold_info['train_subsets']))}, validation subset "
                        f"{fold_info['val_subset']}; test subset {fold} never read in training)")
         out, resume = fold_out, True
-        reporter.line(f"fold {fold}", f"training on {n_scans['train']} scans "
+        _say(reporter, f"fold {fold}", f"training on {n_scans['train']} scans "
                                       f"({len(labels['train'])} cubes), validating on "
                                       f"{n_scans['val']}; test subset{fold}: "
                                       f"{len(fold_info['test_seriesuids'])} scans")
@@ -704,7 +714,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
                           "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         write_json(fold_info, out / FOLD_JSON)
         result["fold"] = fold_info
-        reporter.line(f"fold {fold}", f"done: {len(preds)} candidates of "
+        _say(reporter, f"fold {fold}", f"done: {len(preds)} candidates of "
                                       f"{len(fold_info['test_seriesuids'])} test scans scored "
                                       f"-> {out / PREDICTIONS_CSV}")
     return result

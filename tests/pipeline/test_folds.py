@@ -122,7 +122,7 @@ def _interrupt_fold(monkeypatch, fold, epoch):
 
 
 def test_ten_folds_end_to_end_resumed_and_never_reading_the_test_subset(tree, tmp_path, monkeypatch,
-                                                                          caplog):
+                                                                          caplog, capsys):
     """--folds all on 30 scans: interrupted in fold 2, rerun: folds 0-1 skipped, fold 2 resumed
     from its checkpoint, ten predictions.csv covering every candidate of every scan once;
     no fold's training opened a file of its test subset."""
@@ -131,7 +131,7 @@ def test_ten_folds_end_to_end_resumed_and_never_reading_the_test_subset(tree, tm
     out = tmp_path / "cv"
     args = ["--data", str(tree), "--out", str(out), "--folds", "all", "--epochs", "2",
             "--batch-size", "8", "--widths", "4", "--size-mm", "16", "--max-neg-per-scan", "4",
-            "--device", "cpu", "--no-progress", "--prep-workers", "2"]
+            "--device", "cpu", "--prep-workers", "2"]  # progress: log lines (stderr is no terminal)
     opens = Opens()
     opens.install(monkeypatch)
     with monkeypatch.context() as m:
@@ -139,6 +139,12 @@ def test_ten_folds_end_to_end_resumed_and_never_reading_the_test_subset(tree, tm
         with pytest.raises(KeyboardInterrupt):
             training.main(args)
     assert [_done(out / f"fold_{k}") for k in range(4)] == [True, True, False, False]
+    err = capsys.readouterr().err  # the batch log: preprocessing, then fold by fold, epoch by epoch
+    assert f"preprocess: {N_SCANS} of {N_SCANS} scans to preprocess" in err
+    assert f"[{N_SCANS}/{N_SCANS} scans]" in err
+    assert "fold 1: fold 2 of 10" in err and "fold 1: epoch 2/2 train_loss=" in err
+    assert "fold 1: done: " in err and "fold 2: training on 24 scans" in err
+    assert "fold 2: epoch" not in err  # interrupted (just after its first checkpoint)
     state = torch.load(out / "fold_2" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0
     epoch0 = state["cbs"]["recorder"]["values"][0]
@@ -146,6 +152,9 @@ def test_ten_folds_end_to_end_resumed_and_never_reading_the_test_subset(tree, tm
 
     caplog.set_level("INFO", logger="nets.callbacks.checkpoint")
     assert lungscreen(["train", *args]) == 0
+    err = capsys.readouterr().err
+    assert "fold 0: done already" in err and "fold 1: done already" in err and "preprocess:" not in err
+    assert "fold 2: epoch 1/2" not in err and "fold 2: epoch 2/2" in err and "fold 9: fold 10 of 10" in err
     assert "resumed from" in caplog.text and "fold_2" in caplog.text and "after epoch 0" in caplog.text
     assert {k: (out / f"fold_{k}" / "fold.json").stat().st_mtime_ns for k in (0, 1)} == done_before
     log_after = pd.read_csv(out / "fold_2" / "train_log.csv")
