@@ -24,6 +24,14 @@ the annotations plus random points away from them); keep every positive and at m
 re-read scans; train :class:`nets.cnn3d.NoduleNet3D` with :class:`nets.train.Learner`
 (one-cycle, a fixed fraction of positives per batch, flips/rotations/zoom, checkpoint every
 epoch, CSV log); write the weights, a model card and the log to ``--out``.
+
+LUNA16 10-fold cross-validation (``--fold K``, ``--folds all``; :func:`train_folds`): the
+tree is preprocessed once into one cache entry per scan (:mod:`pipeline.luna16_cache`,
+``--prep-workers`` processes, resumable after ``kill -9``); fold K trains on the entries of
+the subsets but K and (K+1) mod 10 (validation), never opening a file of subset K, then
+scores every candidate of subset K (``--negatives``: ``candidates_V2.csv`` or the
+detector's) into ``OUT/fold_K/predictions.csv``, and writes ``fold.json`` last.  A rerun
+skips done folds and resumes an interrupted one from its checkpoint.
 """
 from __future__ import annotations
 
@@ -615,7 +623,8 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         labels = {s: cubes[s].labels for s in ("train", "val")}
         n_scans = {"train": fold_info["n_train_scans"], "val": fold_info["n_val_scans"]}
         cache = Path(manifest["entry"].iloc[0]).parent.parent
-        cand_source = (f"{manifest.attrs['negatives']} (LUNA16 fold {fold}: train subsets "
+        source = {"candidates": "candidates_V2.csv", "detector": "lungscreen's detector"}
+        cand_source = (f"{source[manifest.attrs['negatives']]} (LUNA16 fold {fold}: train subsets "
                        f"{','.join(map(str, fold_info['train_subsets']))}, validation subset "
                        f"{fold_info['val_subset']}; test subset {fold} never read in training)")
         out, resume = fold_out, True
