@@ -17,9 +17,16 @@ What the official script does, and so what :func:`froc` does
   hitting it.  A mark hitting two nodules counts for both.
 * **Missed nodules** count in the denominator of the sensitivity only.
 * **Curve.**  ``sklearn.metrics.roc_curve`` on (nodule hits, false positives); the FP
-  axis is divided by the number of scans, the TP axis by the number of nodules.  The
-  sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FP/scan is ``np.interp`` on that curve;
-  the CPM (competition performance metric) is their mean.
+  axis is divided by the number of scans, the TP axis by the number of nodules.
+* **Operating points.**  The script interpolates the curve on its grid
+  ``fps_itp = np.linspace(0.125, 8, num=10001)`` (``sens_itp = np.interp(fps_itp, fps,
+  sens)``, the curve it plots); the sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FP/scan is
+  ``sens_itp`` at the grid point nearest each rate (grid step 7.875e-4 FP/scan: 1/4 is read
+  at 0.2502125, 1/2 at 0.49985, 1 at 0.9999125, 2 at 2.0000375, 4 at 4.0002875; 1/8 and 8
+  exactly).  The CPM (competition performance metric) is their mean.  This differs from
+  ``np.interp`` at the exact rate where a step of the curve sits on a rate: with 40 scans
+  the 20th false positive is at exactly 1/2 FP/scan, and the grid point 0.49985 reads the
+  curve just before that false positive's step, not at its top.
 * **Bootstrap.**  Scans are drawn with replacement (``n_bootstrap`` = 1000 times),
   the curve is recomputed on each sample, and the 95 % interval is the official
   ``compute_mean_ci``'s: sorted values at ``floor(0.025 n)`` and ``floor(0.975 n)``.
@@ -52,7 +59,7 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 __all__ = ["patient_scores", "FrocResult", "froc", "write_froc", "read_seriesuids", "add_arguments",
-           "run_from_args", "main", "FP_RATES", "MAX_MARKS_PER_SCAN", "ANNOTATION_COLUMNS",
+           "run_from_args", "main", "operating_fps", "FP_RATES", "MAX_MARKS_PER_SCAN", "ANNOTATION_COLUMNS",
            "CANDIDATE_COLUMNS"]
 
 #: The seven operating points of the LUNA16 CPM, in false positives per scan.
@@ -69,6 +76,9 @@ UNKNOWN_DIAMETER_MM = 10.0
 FROC_MIN_FPS, FROC_MAX_FPS = 0.125, 8.0
 #: Number of points of the official bootstrap band grid (``np.linspace(0.125, 8, 10000)``).
 BAND_POINTS = 10000
+#: Number of points of the official curve grid (``fps_itp = np.linspace(0.125, 8, num=10001)``),
+#: on which the operating points are read (the grid point nearest each rate).
+CURVE_POINTS = 10001
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,7 +91,9 @@ class FrocResult:
         The ROC points of the official script: average false positives per scan,
         fraction of nodules detected, and the probability threshold (``inf`` first).
     sensitivity_at : dict of float -> float
-        Sensitivity at each requested FP/scan rate (``np.interp`` on the curve).
+        Sensitivity at each requested FP/scan rate, read as the official script reads it:
+        the curve interpolated on ``linspace(0.125, 8, 10001)``, at the grid point nearest
+        the rate (:func:`operating_fps`).
     cpm : float
         Mean of ``sensitivity_at`` (the LUNA16 competition performance metric).
     cpm_ci95 : (float, float)
@@ -210,6 +222,49 @@ def _roc_counts(y: np.ndarray, score: np.ndarray, weight: np.ndarray | None = No
     return np.r_[0.0, fps], np.r_[0.0, tps], np.r_[np.inf, thr]
 
 
+def operating_fps(fp_rates: Iterable[float] = FP_RATES) -> np.ndarray:
+    """FP/scan values at which the official script reads each operating point.
+
+    The nearest point to each rate of the official curve grid ``np.linspace(0.125, 8,
+    num=10001)`` (step 7.875e-4 FP/scan).
+
+    Parameters
+    ----------
+    fp_rates : iterable of float
+        Operating points, false positives per scan, each within [0.125, 8] (the grid).
+
+    Returns
+    -------
+    (R,) ndarray of float64
+        The grid values, FP/scan, in the order of ``fp_rates``.
+
+    Raises
+    ------
+    ValueError
+        A rate outside the grid [0.125, 8], or no rate.
+
+    Examples
+    --------
+    >>> operating_fps([0.125, 0.5, 1.0, 8.0]).round(7).tolist()
+    [0.125, 0.49985, 0.9999125, 8.0]
+    """
+    rates = np.asarray([float(r) for r in fp_rates])
+    if rates.size == 0 or not np.all((rates >= FROC_MIN_FPS) & (rates <= FROC_MAX_FPS)):
+        raise ValueError(f"fp_rates must be FP/scan values within the official grid "
+                         f"[{FROC_MIN_FPS:g}, {FROC_MAX_FPS:g}], got {rates.tolist()}")
+    grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, num=CURVE_POINTS)
+    return grid[np.abs(grid[None, :] - rates[:, None]).argmin(axis=1)]
+
+
+def _sensitivity_at(fps: np.ndarray, sens: np.ndarray, at_fps: np.ndarray) -> np.ndarray:
+    """Sensitivity of the curve ``(fps, sens)`` at :func:`operating_fps`'s grid points.
+
+    ``np.interp`` at those points equals ``np.interp`` on the whole 10001-point grid, read
+    at their indices: the official reading, for the CPM and every bootstrap sample.
+    """
+    return np.interp(at_fps, fps, sens)
+
+
 def _froc_curve(y, score, n_scans, n_lesions, weight=None, *, presorted=False):
     if y.size == 0:
         return np.zeros(1), np.zeros(1), np.array([np.inf])
@@ -240,7 +295,9 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
     max_marks_per_scan : int
         Official cap on marks per scan (see the module notes); ``<= 0`` for none.
     fp_rates : iterable of float
-        Operating points in false positives per scan; the CPM is the mean sensitivity.
+        Operating points in false positives per scan, within [0.125, 8]; each is read at
+        the nearest point of the official grid (:func:`operating_fps`); the CPM is the
+        mean sensitivity.
     n_bootstrap : int
         Bootstrap samples (scans drawn with replacement); 0 skips the intervals.
     seed : int
@@ -275,8 +332,7 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
     if excluded is not None:
         excluded = _check_table(excluded, ANNOTATION_COLUMNS, "excluded")
     fp_rates = tuple(float(r) for r in fp_rates)
-    if not fp_rates or min(fp_rates) <= 0:
-        raise ValueError(f"fp_rates must be positive FP/scan values, got {fp_rates}")
+    at_fps = operating_fps(fp_rates)
     if int(n_bootstrap) < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     n_bootstrap = int(n_bootstrap)
@@ -343,7 +399,7 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
     n_scans = len(seriesuids)
     y, p, scan_of = np.asarray(labels), np.asarray(scores, dtype=np.float64), np.asarray(scan_of, int)
     fps, sens, thr = _froc_curve(y, p, n_scans, n_nodules)
-    sens_at = {r: float(v) for r, v in zip(fp_rates, np.interp(fp_rates, fps, sens))}
+    sens_at = {r: float(v) for r, v in zip(fp_rates, _sensitivity_at(fps, sens, at_fps))}
     cpm = float(np.mean(list(sens_at.values())))
 
     nan2 = (float("nan"), float("nan"))
@@ -364,7 +420,7 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
             if n_les == 0:  # a sample with no nodule: sensitivity 0 everywhere
                 continue
             bf, bs, _ = _froc_curve(y[sel], p[sel], n_scans, n_les, w[sel], presorted=True)
-            at[b] = np.interp(fp_rates, bf, bs)
+            at[b] = _sensitivity_at(bf, bs, at_fps)
             curves[b] = np.interp(grid, bf, bs)
         lo_i = int(math.floor(0.025 * n_bootstrap))
         hi_i = min(int(math.floor(0.975 * n_bootstrap)), n_bootstrap - 1)
@@ -406,7 +462,7 @@ def write_froc(result: FrocResult, out_dir, *, name: str = "CAD") -> dict[str, P
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     try:
-        grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, BAND_POINTS + 1)
+        grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, CURVE_POINTS)
         ax.plot(grid, np.interp(grid, result.fps_per_scan, result.sensitivity), color="b", lw=2,
                 label=f"{name} (CPM {result.cpm:.3f})")
         if result.band_fps.size:

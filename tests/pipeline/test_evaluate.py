@@ -120,6 +120,69 @@ def test_interpolation_between_operating_points():
     assert res.cpm == pytest.approx((0.75 + 6.0) / 7.0)
 
 
+def _step_on_half_fp_per_scan():
+    """40 scans, 4 nodules (scans s0..s3, one each, 10 mm at the origin), 20 FPs elsewhere.
+
+    By descending probability: nodule 1 hit (0.9); FPs 1-9 (0.89 .. 0.81); FPs 10 and 11
+    tied with the nodule 2 hit (0.80); FPs 12-20 (0.79 .. 0.71); nodule 3 hit (0.70);
+    nodule 4 missed.
+    """
+    ann = ann_df([(f"s{i}", 0.0, 0.0, 0.0, 10.0) for i in range(4)])
+    fp_scores = [0.89 - 0.01 * i for i in range(9)] + [0.80, 0.80] + [0.79 - 0.01 * i for i in range(9)]
+    rows = [("s0", 1.0, 0.0, 0.0, 0.9), ("s1", 0.0, 1.0, 0.0, 0.8), ("s2", 0.0, 0.0, 1.0, 0.7)]
+    rows += [(f"s{4 + i}", 50.0, 0.0, 0.0, p) for i, p in enumerate(fp_scores)]
+    return ann, cand_df(rows), [f"s{i}" for i in range(40)]
+
+
+def test_operating_points_are_read_on_the_official_grid():
+    ann, cand, uids = _step_on_half_fp_per_scan()
+    res = froc(ann, cand, seriesuids=uids, n_bootstrap=0)
+    # ROC counts (FP, TP) at each distinct score: (0,1) at .9, (1,1)..(9,1), (11,2) at the tie
+    # .8, (12,2)..(20,2), (20,3) at .7; collinear points dropped, (0,0) first:
+    #   (0,0) (0,1) (9,1) (11,2) (20,2) (20,3)  ->  / 40 scans, / 4 nodules:
+    np.testing.assert_allclose(res.fps_per_scan, [0, 0, 0.225, 0.275, 0.5, 0.5])
+    np.testing.assert_allclose(res.sensitivity, [0, 0.25, 0.25, 0.5, 0.5, 0.75])
+    # grid linspace(0.125, 8, 10001), step 7.875 / 10000 = 0.0007875; nearest grid points:
+    #   1/8 -> index 0 = 0.125 (flat segment at 0.25)                        -> 0.25
+    #   1/4 -> (0.25 - 0.125) / 0.0007875 = 158.73 -> index 159 = 0.2502125, on the tie's
+    #          diagonal (0.225, 0.25)-(0.275, 0.5): 0.25 + 0.25 * 0.0252125 / 0.05 -> 0.3760625
+    #          (np.interp at exactly 0.25 would give 0.375)
+    #   1/2 -> 0.375 / 0.0007875 = 476.19 -> index 476 = 0.49985, on (0.275, 0.5)-(0.5, 0.5),
+    #          before the step the 20th FP ends at 0.5                          -> 0.5
+    #          (np.interp at exactly 0.5 takes the step's top, 0.75)
+    #   1, 2, 4, 8 -> past the curve's last point (0.5, 0.75)                   -> 0.75
+    expected = {0.125: 0.25, 0.25: 0.3760625, 0.5: 0.5, 1.0: 0.75, 2.0: 0.75, 4.0: 0.75, 8.0: 0.75}
+    assert res.sensitivity_at == pytest.approx(expected, abs=1e-9)
+    # CPM (0.25 + 0.3760625 + 0.5 + 4 * 0.75) / 7 = 4.1260625 / 7 (exact-rate reading: 4.375 / 7)
+    assert res.cpm == pytest.approx(4.1260625 / 7, abs=1e-9)
+
+
+def test_bootstrap_reads_the_same_grid_points():
+    # 40 identical scans, each: nodule A hit (0.9), one FP (0.8), nodule B hit (0.6).  Every
+    # bootstrap sample (scans drawn with replacement) is then the same curve as the whole:
+    # counts (0,0) (0,40) (40,40) (40,80) -> FP/scan 0, 0, 1, 1; sensitivity 0, .5, .5, 1.
+    # The step sits on 1 FP/scan, read at the grid point 0.9999125: 0.5 (exact rate: 1.0).
+    # CPM = (0.5 * 4 + 1.0 * 3) / 7 = 5 / 7 (exact-rate reading: 5.5 / 7).
+    uids = [f"s{i}" for i in range(40)]
+    ann = ann_df([(u, 0.0, 0.0, 100.0 * k, 10.0) for u in uids for k in (0, 1)])
+    cand = cand_df([(u, 0.0, 0.0, 0.0, 0.9) for u in uids] + [(u, 50.0, 0.0, 0.0, 0.8) for u in uids]
+                   + [(u, 0.0, 0.0, 100.0, 0.6) for u in uids])
+    res = froc(ann, cand, seriesuids=uids, n_bootstrap=50, seed=2)
+    assert res.sensitivity_at[1.0] == pytest.approx(0.5)
+    assert res.cpm == pytest.approx(5 / 7)
+    assert res.cpm_ci95 == pytest.approx((5 / 7, 5 / 7))
+    assert res.sensitivity_at_ci95[1.0] == pytest.approx((0.5, 0.5))
+
+
+def test_operating_points_must_lie_on_the_grid():
+    from pipeline.evaluate import operating_fps
+
+    assert operating_fps(FP_RATES) == pytest.approx([0.125, 0.2502125, 0.49985, 0.9999125, 2.0000375,
+                                                     4.0002875, 8.0], abs=1e-12)
+    with pytest.raises(ValueError, match=r"within the official grid \[0.125, 8\]"):
+        froc(ONE_NODULE, cand_df([]), fp_rates=[16.0], n_bootstrap=0)
+
+
 def test_scans_without_findings_add_false_positives_per_scan():
     ann, cand = _two_nodules_four_scans()
     six = froc(ann, cand, seriesuids=list("ABCDEF"), n_bootstrap=0)
@@ -206,7 +269,9 @@ def official_cpm(ann, exc, cand, uids, cap=100):
     fpr, tpr, _ = metrics.roc_curve(gt[~excl], prob[~excl])
     fps = fpr * (np.sum(~excl) - gt[~excl].sum()) / len(uids)
     sens = tpr * gt[~excl].sum() / gt.sum()
-    return float(np.mean(np.interp(FP_RATES, fps, sens)))
+    fps_itp = np.linspace(0.125, 8, num=10001)  # the official curve grid
+    sens_itp = np.interp(fps_itp, fps, sens)
+    return float(np.mean([sens_itp[np.argmin(np.abs(fps_itp - r))] for r in FP_RATES]))
 
 
 def test_matches_a_literal_port_of_the_official_loop(rng):
