@@ -567,10 +567,21 @@ class PooledResult:
         return out
 
 
-def read_folds(folds_dir, *, n_folds: int = N_FOLDS) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+def _fold_numbers(folds) -> list[int]:
+    ks = list(range(N_FOLDS)) if folds is None else sorted({int(k) for k in folds})
+    if not ks or ks[0] < 0:
+        raise ValueError(f"folds must be fold numbers 0, 1, ..., got {folds!r}")
+    return ks
+
+
+def _fold_span(ks: list[int]) -> str:
+    return f"{ks[0]}..{ks[-1]}" if ks == list(range(ks[0], ks[-1] + 1)) else ", ".join(map(str, ks))
+
+
+def read_folds(folds_dir, *, folds: Iterable[int] | None = None) -> tuple[pd.DataFrame, dict[int, list[str]]]:
     """Read the test predictions of a cross-validation's folds.
 
-    ``folds_dir/fold_K/`` (K = 0 .. ``n_folds`` - 1), as ``lungscreen train --folds all``
+    ``folds_dir/fold_K/`` (K in ``folds``), as ``lungscreen train --folds all``
     writes it, holds ``fold.json`` (at least ``{"fold": K, "test_seriesuids": [...],
     "done": true}``) and ``predictions.csv`` (:data:`SUBMISSION_COLUMNS`: LUNA16's
     submission columns, world mm and probability) with the marks of fold K's test scans.
@@ -579,8 +590,9 @@ def read_folds(folds_dir, *, n_folds: int = N_FOLDS) -> tuple[pd.DataFrame, dict
     ----------
     folds_dir : str or Path
         The training run's output folder.
-    n_folds : int
-        Folds expected (LUNA16: 10, one per subset).
+    folds : iterable of int, optional
+        Folds expected: fold K tests on ``subsetK``.  Default ``0..9``
+        (:data:`N_FOLDS`, LUNA16's ten subsets).
 
     Returns
     -------
@@ -602,12 +614,13 @@ def read_folds(folds_dir, *, n_folds: int = N_FOLDS) -> tuple[pd.DataFrame, dict
     """
     import json
 
+    ks = _fold_numbers(folds)
     root = Path(folds_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"--folds {root} is not a folder; give the output folder of "
-                                f"`lungscreen train --folds all` (it holds fold_0 .. fold_{n_folds - 1})")
+                                f"`lungscreen train --folds all` (it holds fold_{ks[0]} .. fold_{ks[-1]})")
     missing, not_done, infos = [], [], {}
-    for k in range(n_folds):
+    for k in ks:
         folder = root / f"fold_{k}"
         if not folder.is_dir():
             missing.append(k)
@@ -640,7 +653,7 @@ def read_folds(folds_dir, *, n_folds: int = N_FOLDS) -> tuple[pd.DataFrame, dict
             parts.append(f"fold(s) {', '.join(map(str, not_done))} not done (fold.json without "
                          f"\"done\": true)")
         raise ValueError(f"{root}: {'; '.join(parts)}; the pooled evaluation needs all folds "
-                          f"0..{n_folds - 1}: finish them with `lungscreen train --folds all` (it resumes)")
+                          f"{_fold_span(ks)}: finish them with `lungscreen train --folds all` (it resumes)")
 
     owner: dict[str, int] = {}
     for k, uids in infos.items():
@@ -651,7 +664,7 @@ def read_folds(folds_dir, *, n_folds: int = N_FOLDS) -> tuple[pd.DataFrame, dict
             owner[uid] = k
 
     frames, predicted_in = [], {}
-    for k in range(n_folds):
+    for k in ks:
         path = root / f"fold_{k}" / "predictions.csv"
         try:
             df = pd.read_csv(path, dtype={"seriesuid": str})
@@ -674,11 +687,11 @@ def read_folds(folds_dir, *, n_folds: int = N_FOLDS) -> tuple[pd.DataFrame, dict
                               f"scans (test_seriesuids of its fold.json), e.g. {outside[0]}")
         frames.append(df.assign(fold=k))
     predictions = pd.concat(frames, ignore_index=True)
-    return predictions, {k: list(infos[k]) for k in range(n_folds)}
+    return predictions, {k: list(infos[k]) for k in ks}
 
 
 def pool_folds(folds_dir, annotations: pd.DataFrame, *, excluded: pd.DataFrame | None = None,
-               seriesuids: Iterable[str] | None = None, n_folds: int = N_FOLDS,
+               seriesuids: Iterable[str] | None = None, folds: Iterable[int] | None = None,
                max_marks_per_scan: int = MAX_MARKS_PER_SCAN, fp_rates: Iterable[float] = FP_RATES,
                n_bootstrap: int = 1000, seed: int = 0) -> PooledResult:
     """LUNA16 FROC/CPM of a cross-validation: the test folds pooled, and each fold alone.
@@ -697,7 +710,7 @@ def pool_folds(folds_dir, annotations: pd.DataFrame, *, excluded: pd.DataFrame |
         Scans evaluated (LUNA16's ``seriesuids.csv``).  Default: every fold's
         ``test_seriesuids``.  Scans listed here that no fold tested count as scans without
         marks (:attr:`PooledResult.untested`); a fold's scans outside it are left out.
-    n_folds, max_marks_per_scan, fp_rates, n_bootstrap, seed
+    folds, max_marks_per_scan, fp_rates, n_bootstrap, seed
         As :func:`read_folds` and :func:`froc` (the same for the pooled and each fold's FROC).
 
     Returns
@@ -725,8 +738,8 @@ def pool_folds(folds_dir, annotations: pd.DataFrame, *, excluded: pd.DataFrame |
     >>> res.pooled.cpm, res.pooled.n_scans, res.folds[5].cpm, len(res.submission)
     (1.0, 10, 1.0, 20)
     """
-    predictions, test_scans = read_folds(folds_dir, n_folds=n_folds)
-    tested = [u for k in range(n_folds) for u in test_scans[k]]
+    predictions, test_scans = read_folds(folds_dir, folds=folds)
+    tested = [u for uids in test_scans.values() for u in uids]
     if seriesuids is None:
         evaluated = tested
     elif isinstance(seriesuids, (str, bytes)):
@@ -735,7 +748,7 @@ def pool_folds(folds_dir, annotations: pd.DataFrame, *, excluded: pd.DataFrame |
     else:
         evaluated = list(dict.fromkeys(str(s) for s in seriesuids))
     keep = set(evaluated)
-    fold_scans = {k: [u for u in test_scans[k] if u in keep] for k in range(n_folds)}
+    fold_scans = {k: [u for u in uids if u in keep] for k, uids in test_scans.items()}
     untested = sorted(keep - set(tested))
     annotations = _check_table(annotations, ANNOTATION_COLUMNS, "annotations")
     settings = dict(excluded=excluded, max_marks_per_scan=max_marks_per_scan, fp_rates=fp_rates,
@@ -743,12 +756,11 @@ def pool_folds(folds_dir, annotations: pd.DataFrame, *, excluded: pd.DataFrame |
     submission = predictions[list(SUBMISSION_COLUMNS)]
     pooled = froc(annotations, submission, seriesuids=evaluated, **settings)
     with_nodules = set(annotations["seriesuid"])
-    folds = {}
-    for k in range(n_folds):
-        scans = fold_scans[k]
-        folds[k] = (froc(annotations, submission[predictions["fold"] == k], seriesuids=scans, **settings)
-                    if with_nodules.intersection(scans) else None)
-    return PooledResult(pooled=pooled, folds=folds, fold_scans=fold_scans, seriesuids=evaluated,
+    per_fold = {}
+    for k, scans in fold_scans.items():
+        per_fold[k] = (froc(annotations, submission[predictions["fold"] == k], seriesuids=scans, **settings)
+                       if with_nodules.intersection(scans) else None)
+    return PooledResult(pooled=pooled, folds=per_fold, fold_scans=fold_scans, seriesuids=evaluated,
                         untested=untested, submission=submission.reset_index(drop=True))
 
 
@@ -955,7 +967,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, metavar="LUNA16_ROOT",
                         help="a LUNA16 folder: annotations.csv, annotations_excluded.csv and seriesuids.csv "
                              "are read from it or its evaluationScript/annotations/ (the options above "
-                             "override them)")
+                             "override them); with --folds, its subsetK folders are the folds expected "
+                             f"(default: 0..{N_FOLDS - 1})")
     parser.add_argument("--patients", default=None,
                         help="patient truth id,cancer (0/1): score --predictions instead of the FROC")
     parser.add_argument("--predictions", default=None,
@@ -978,7 +991,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     pooled (:func:`pool_folds`), the table printed, :func:`write_pooled`'s files written to
     ``--out`` (default ``OUT``) and the submission to ``OUT/submission.csv``.  ``--data``
     finds the tables (:func:`luna16_files`) that ``--annotations``, ``--excluded`` and
-    ``--seriesuids`` do not name.
+    ``--seriesuids`` do not name, and with ``--folds`` its ``subsetK`` folders are the folds
+    expected (as ``lungscreen train --folds all`` trains one fold per subset; default 0..9).
 
     ``args`` come from :func:`add_arguments`; returns the exit status: 0 done; 2 a table or
     fold is missing or unusable (the reason is printed in one line, ``error: ...``).
@@ -1020,7 +1034,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings = dict(excluded=exc, seriesuids=uids, max_marks_per_scan=args.max_marks_per_scan,
                         n_bootstrap=args.n_bootstrap, seed=args.seed)
         if args.folds:
-            pooled = pool_folds(args.folds, ann, **settings)
+            subsets = sorted(int(d.name[6:]) for d in Path(args.data).glob("subset*")
+                             if d.is_dir() and d.name[6:].isdigit()) if args.data else []
+            pooled = pool_folds(args.folds, ann, folds=subsets or None, **settings)
         else:
             cand = pd.read_csv(args.candidates, dtype={"seriesuid": str})
             result = froc(ann, cand, **settings)

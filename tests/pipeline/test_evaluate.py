@@ -500,6 +500,25 @@ def test_data_finds_the_tables_in_a_luna16_tree(tmp_path, rng, capsys):
     assert len(err) == 1 and "annotations_excluded.csv" in err[0] and "evaluationScript/annotations" in err[0]
 
 
+def test_data_with_five_subsets_expects_five_folds(tmp_path, capsys):
+    from pipeline import __main__ as cli
+
+    scans = {k: [f"s{k}"] for k in range(5)}
+    root = write_folds(tmp_path / "cv", {k: [(f"s{k}", 0.0, 0.0, 0.0, 0.9)] for k in range(5)}, scans)
+    luna = tmp_path / "luna16"
+    for k in range(5):
+        (luna / f"subset{k}").mkdir(parents=True)
+    ann_df([(f"s{k}", 0.0, 0.0, 0.0, 10.0) for k in range(5)]).to_csv(luna / "annotations.csv", index=False)
+    ann_df([]).to_csv(luna / "annotations_excluded.csv", index=False)
+    assert cli.main(["evaluate", "--folds", str(root), "--data", str(luna), "--n-bootstrap", "0"]) == 0
+    assert "pooled CPM 1.0000 over 5 scans" in capsys.readouterr().out
+    assert len(pd.read_csv(root / "cpm.csv")) == 6
+    (luna / "subset5").mkdir()
+    assert cli.main(["evaluate", "--folds", str(root), "--data", str(luna), "--n-bootstrap", "0"]) == 2
+    assert "fold(s) 5 missing (no fold_K folder); the pooled evaluation needs all folds 0..5" in \
+        capsys.readouterr().err
+
+
 def _break_missing(root):
     import shutil
 
