@@ -594,3 +594,22 @@ def test_folds_folder_must_exist_and_not_come_with_candidates(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert cli.main(["evaluate", "--folds", str(tmp_path)]) == 2
     assert "--annotations (or --data LUNA16_ROOT)" in capsys.readouterr().err
+
+
+def test_readme_cross_validation_commands_parse():
+    import argparse
+    import re
+    import shlex
+    from pathlib import Path
+
+    from pipeline.evaluate import add_arguments
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### LUNA16 10-fold cross-validation"):readme.index("## The verdict per patient")]
+    commands = [line.split("#")[0] for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+                for line in block.splitlines() if line.startswith("lungscreen evaluate ")]
+    assert len(commands) == 2
+    parser = add_arguments(argparse.ArgumentParser())
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[2:])
+        assert args.folds and args.data and not args.candidates
