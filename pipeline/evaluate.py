@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["patient_scores", "FrocResult", "froc", "write_froc", "read_seriesuids", "add_arguments",
            "run_from_args", "main", "operating_fps", "read_folds", "pool_folds",
-           "PooledResult", "write_pooled", "N_FOLDS", "SUBMISSION_COLUMNS", "FP_RATES", "MAX_MARKS_PER_SCAN", "ANNOTATION_COLUMNS",
-           "CANDIDATE_COLUMNS"]
+           "PooledResult", "write_pooled", "format_pooled", "luna16_files", "N_FOLDS", "SUBMISSION_COLUMNS",
+           "FP_RATES", "MAX_MARKS_PER_SCAN", "ANNOTATION_COLUMNS", "CANDIDATE_COLUMNS"]
 
 #: The seven operating points of the LUNA16 CPM, in false positives per scan.
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -548,16 +548,16 @@ class PooledResult:
     submission: pd.DataFrame
 
     def rows(self) -> list[dict]:
-        """One row per fold, then ``fold = "pooled"``: scans, nodules, marks, CPM, its
-        interval and the sensitivity at each operating point (``nan`` for a fold without
-        nodules)."""
+        """One row per fold, then ``fold = "pooled"``: scans, nodules, marks kept (after the
+        per-scan cap), CPM, its interval and the sensitivity at each operating point (marks
+        ``None``, the rest ``nan``, for a fold without nodules)."""
         nan = float("nan")
         out = []
         for fold, res in [*self.folds.items(), ("pooled", self.pooled)]:
             scans = self.fold_scans[fold] if fold != "pooled" else self.seriesuids
             row = {"fold": fold, "n_scans": len(scans),
                    "n_nodules": res.n_nodules if res else 0,
-                   "n_marks": res.n_candidates if res else 0,
+                   "n_marks": res.n_candidates if res else None,
                    "cpm": res.cpm if res else nan,
                    "cpm_ci95_lo": res.cpm_ci95[0] if res else nan,
                    "cpm_ci95_hi": res.cpm_ci95[1] if res else nan}
@@ -721,6 +721,8 @@ def pool_folds(folds_dir, annotations: pd.DataFrame, *, excluded: pd.DataFrame |
     ------
     FileNotFoundError, ValueError
         From :func:`read_folds` and :func:`froc`.
+    TypeError
+        ``seriesuids`` is one string, or a table is not a DataFrame.
 
     Examples
     --------
@@ -777,7 +779,8 @@ def format_pooled(result: PooledResult) -> str:
             ci = f"{row['cpm_ci95_lo']:.3f}-{row['cpm_ci95_hi']:.3f}"
             tail = (f"{row['cpm']:6.4f} {ci:>13} "
                     + " ".join(f"{row[f'sensitivity_at_{r:g}']:6.3f}" for r in rates))
-        lines.append(f"{row['fold']!s:>6} {row['n_scans']:5d} {row['n_nodules']:7d} {row['n_marks']:6d} {tail}")
+        marks = "-" if row["n_marks"] is None else str(row["n_marks"])
+        lines.append(f"{row['fold']!s:>6} {row['n_scans']:5d} {row['n_nodules']:7d} {marks:>6} {tail}")
     empty = [k for k, res in result.folds.items() if res is None]
     if empty:
         lines.append(f"fold(s) {', '.join(map(str, empty))}: no nodule on the test scans, no CPM of their own "
