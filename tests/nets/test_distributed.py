@@ -140,6 +140,17 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused():
         ShardedBatchSampler([[0, 1]], rank=2, world_size=2)
 
 
+def test_a_list_of_batches_is_sliced_and_a_dataloader_is_rebuilt_on_a_sharded_sampler():
+    from nets.callbacks.distributed import _shard
+
+    x, y = torch.arange(8.).reshape(4, 2), torch.arange(4.)
+    assert [[t.tolist() for t in b] for b in _shard([(x, y)], 1, 2)] == [[[[4., 5.], [6., 7.]], [2., 3.]]]
+    dl = _shard(DataLoader(TensorDataset(y), batch_size=4), 0, 2)
+    assert isinstance(dl.batch_sampler, ShardedBatchSampler) and [b[0].tolist() for b in dl] == [[0., 1.]]
+    with pytest.raises(ValueError, match="a global batch of 3 does not split over 2 processes"):
+        list(_shard([(y[:3],)], 0, 2))
+
+
 def test_without_torchrun_there_is_no_process_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed("cpu") is None and rank() == 0 and world_size() == 1
