@@ -166,6 +166,7 @@ def test_two_processes_give_the_single_process_loss_curve(tmp_path, one_thread):
     dropout (see :func:`_tiny_model`) and no augmentation, so the per-step training losses,
     the per-epoch validation loss and AUC, and the final weights must agree to float rounding
     (``LOSS_ATOL``) over 30 steps.  Rank 1 writes no file; rank 0 writes the log and checkpoint.
+    The same job checks :func:`nets.distributed.on_main_process` (:func:`_on_main_checks`).
     """
     single = _fit_tiny(tmp_path / "single")
     proc = _torchrun([__file__, str(tmp_path / "ddp")], cwd=tmp_path)
@@ -185,6 +186,9 @@ def test_two_processes_give_the_single_process_loss_curve(tmp_path, one_thread):
     assert single["losses"][-1] < single["losses"][0]  # it learns: the comparison is not of noise
     assert (tmp_path / "ddp" / "log.csv").is_file() and (tmp_path / "ddp" / "checkpoint.pt").is_file()
     assert not (tmp_path / "ddp" / "rank1").exists()
+    assert [r["result_of_rank_0"] for r in ranks] == [{"rank": 0}, {"rank": 0}]
+    assert [r["failure"] for r in ranks] == ["ValueError: no scans",
+                                             "RuntimeError: rank 0 failed: ValueError: no scans"]
 
 
 def _tiny_cube_cache(path, size=16):
@@ -228,7 +232,23 @@ def test_torchrun_trains_the_classifier_through_the_cli(tmp_path):
     assert not list(out.glob("**/*.part")) and not list(out.glob("**/.*.part"))
 
 
+def _on_main_checks() -> dict:
+    """What :func:`nets.distributed.on_main_process` gives each rank: rank 0's result, and a
+    failure on rank 0 raised on every rank (none left waiting)."""
+    from nets.distributed import on_main_process
+
+    def boom():
+        raise ValueError("no scans")
+
+    try:
+        on_main_process(boom)
+        failure = None
+    except (ValueError, RuntimeError) as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+    return {"result_of_rank_0": on_main_process(lambda: {"rank": rank()}), "failure": failure}
+
+
 if __name__ == "__main__":  # a torchrun worker of the tests above
-    result = _fit_tiny(sys.argv[1])
+    result = {**_fit_tiny(sys.argv[1]), **_on_main_checks()}
     Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
     Path(sys.argv[1], f"result-{result['rank']}.json").write_text(json.dumps(result))
