@@ -377,10 +377,11 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     """
     import torch
 
-    from nets.callbacks import (Checkpoint, EarlyStopping, MetricsLogger, MixedPrecision,
-                                accuracy, roc_auc)
+    from nets.callbacks import (Checkpoint, DistributedTrainer, EarlyStopping, MetricsLogger,
+                                MixedPrecision, accuracy, roc_auc)
     from nets.cnn3d import NoduleNet3D, save_classifier
     from nets.data import CubeDataset, PositiveFractionSampler, augment_cube
+    from nets.distributed import barrier, init_distributed, is_main_process, on_main_process
     from nets.train import DataLoaders, Learner, pick_device, set_seed
 
     if lr is not None and not lr > 0:
@@ -389,7 +390,11 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         raise ValueError(f"need epochs >= 1, batch_size >= 2, max_neg_per_scan >= 0; got "
                          f"{epochs}, {batch_size}, {max_neg_per_scan}")
     out = Path(out)
-    dev = pick_device(device)
+    ddp = init_distributed(device)  # under torchrun: this rank's place and device; else None
+    dev = ddp.device if ddp else pick_device(device)
+    if ddp and batch_size % ddp.world_size:
+        raise ValueError(f"batch_size {batch_size} does not split over {ddp.world_size} processes; "
+                         "make it a multiple of --nproc_per_node")
     if cache_file is not None:  # train straight from a cube cache (e.g. built on another machine)
         cache = Path(cache_file)
         if not cache.is_file():
@@ -402,8 +407,8 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
             n_scans = {s: len(set(h5[s]["seriesuid"][:])) for s in ("train", "val")}
     else:
         data = Path(data)
-        cache, cand_source, n_scans = _prepare_cache(
-            data, out, seed=seed, max_neg_per_scan=max_neg_per_scan, size_mm=size_mm,
+        cache, cand_source, n_scans = on_main_process(  # rank 0 cuts the cubes, the others wait
+            _prepare_cache, data, out, seed=seed, max_neg_per_scan=max_neg_per_scan, size_mm=size_mm,
             spacing_mm=spacing_mm, device=dev, cache_dir=cache_dir, progress=progress,
             detect_max_candidates=detect_max_candidates, lung_neg_per_scan=lung_neg_per_scan)
     import h5py
@@ -431,7 +436,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         model = NoduleNet3D(widths, dropout=dropout)
     out.mkdir(parents=True, exist_ok=True)
     cbs = [Checkpoint(out / "checkpoint.pt", resume=resume), MetricsLogger(out / "train_log.csv"),
-           MixedPrecision()]
+           MixedPrecision(), DistributedTrainer()]
     if patience and valid_dl is not None:
         cbs.append(EarlyStopping("valid_loss", patience=patience))
     learn = Learner(model, DataLoaders(train_dl, valid_dl),
@@ -452,8 +457,9 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     info = {"data": str(data), "seed": int(seed), "epochs_run": len(history),
             "trained_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **{k: float(v) for k, v in final.items() if k != "epoch"}}
-    weights = save_classifier(learn.model, out / WEIGHTS_NAME, size_mm=size_mm,
-                              spacing_mm=spacing_mm, info=info)
+    weights = (save_classifier(learn.model, out / WEIGHTS_NAME, size_mm=size_mm,
+                               spacing_mm=spacing_mm, info=info) if is_main_process()
+               else out / WEIGHTS_NAME)
     result = {"weights": weights, "log": out / "train_log.csv", "card": out / "nodule_cnn3d.md",
               "init_weights": None if init_weights is None else str(init_weights),
               "checkpoint": out / "checkpoint.pt", "cache": cache, "counts": counts,
@@ -462,9 +468,11 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
               "lr_find": None if lr_found is None else {"suggested": lr_found.suggested,
                                                         "steep": lr_found.steep,
                                                         "min_div10": lr_found.min_div10}}
-    _write_card(result, model=learn.model, data=data, command=command, seed=seed, epochs=epochs,
-                lr=lr, batch_size=batch_size, pos_fraction=pos_fraction, size_mm=size_mm,
-                max_neg_per_scan=max_neg_per_scan, weight_decay=weight_decay)
+    if is_main_process():  # one writer under torchrun; the other ranks wait at the barrier
+        _write_card(result, model=learn.model, data=data, command=command, seed=seed, epochs=epochs,
+                    lr=lr, batch_size=batch_size, pos_fraction=pos_fraction, size_mm=size_mm,
+                    max_neg_per_scan=max_neg_per_scan, weight_decay=weight_decay)
+    barrier()
     return result
 
 
