@@ -37,7 +37,8 @@ __all__ = ["main", "version", "add_arguments", "run_from_args", "COMMANDS"]
 #: and the benchmark builder report their long runs in INFO lines, as they always have.
 COMMANDS = {
     "run": (None, "screen one scan or a tree of scans", logging.WARNING),
-    "evaluate": ("pipeline.evaluate", "LUNA16 FROC / CPM of a run's candidates.csv", logging.WARNING),
+    "evaluate": ("pipeline.evaluate", "LUNA16 FROC / CPM of a run's candidates.csv, or of a "
+                 "cross-validation's folds pooled (--folds)", logging.WARNING),
     "train": ("pipeline.training", "train the 3D CNN classifier (settings: configs/train.yaml)",
               logging.INFO),
     "train-lesions": ("pipeline.lesion_training", "train the lung mask's lesion net (leave-one-"

@@ -17,14 +17,29 @@ What the official script does, and so what :func:`froc` does
   hitting it.  A mark hitting two nodules counts for both.
 * **Missed nodules** count in the denominator of the sensitivity only.
 * **Curve.**  ``sklearn.metrics.roc_curve`` on (nodule hits, false positives); the FP
-  axis is divided by the number of scans, the TP axis by the number of nodules.  The
-  sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FP/scan is ``np.interp`` on that curve;
-  the CPM (competition performance metric) is their mean.
+  axis is divided by the number of scans, the TP axis by the number of nodules.
+* **Operating points.**  The script interpolates the curve on its grid
+  ``fps_itp = np.linspace(0.125, 8, num=10001)`` (``sens_itp = np.interp(fps_itp, fps,
+  sens)``, the curve it plots); the sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FP/scan is
+  ``sens_itp`` at the grid point nearest each rate (grid step 7.875e-4 FP/scan: 1/4 is read
+  at 0.2502125, 1/2 at 0.49985, 1 at 0.9999125, 2 at 2.0000375, 4 at 4.0002875; 1/8 and 8
+  exactly).  The CPM (competition performance metric) is their mean.  This differs from
+  ``np.interp`` at the exact rate where a step of the curve sits on a rate: with 40 scans
+  the 20th false positive is at exactly 1/2 FP/scan, and the grid point 0.49985 reads the
+  curve just before that false positive's step, not at its top.
 * **Bootstrap.**  Scans are drawn with replacement (``n_bootstrap`` = 1000 times),
   the curve is recomputed on each sample, and the 95 % interval is the official
   ``compute_mean_ci``'s: sorted values at ``floor(0.025 n)`` and ``floor(0.975 n)``.
   The official script bootstraps the curve only; here the CPM of each bootstrap curve
   gives ``cpm_ci95`` by the same rule.
+
+Cross-validation (:func:`pool_folds`, ``lungscreen evaluate --folds OUT``): the published
+LUNA16 numbers pool the ten test folds (fold K tests on ``subsetK``) into one FROC over all
+scans.  :func:`read_folds` reads ``OUT/fold_K/fold.json`` and ``OUT/fold_K/predictions.csv``
+(LUNA16's submission columns), refusing missing or unfinished folds, a scan tested or
+predicted in two folds, and marks outside a fold's test scans; the pooled FROC is
+:func:`froc` of all marks over all scans, each fold's the same over its own scans, and the
+folds' marks together are LUNA16's submission file (:func:`write_pooled`).
 
 Patient predictions (Kaggle DSB 2017: one ``id,cancer`` row per patient) are scored by
 :func:`patient_scores`: log loss (Kaggle's score, probabilities clipped to ``[1e-15, 1 -
@@ -52,8 +67,9 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 __all__ = ["patient_scores", "FrocResult", "froc", "write_froc", "read_seriesuids", "add_arguments",
-           "run_from_args", "main", "FP_RATES", "MAX_MARKS_PER_SCAN", "ANNOTATION_COLUMNS",
-           "CANDIDATE_COLUMNS"]
+           "run_from_args", "main", "operating_fps", "read_folds", "pool_folds",
+           "PooledResult", "write_pooled", "format_pooled", "luna16_files", "N_FOLDS", "SUBMISSION_COLUMNS",
+           "FP_RATES", "MAX_MARKS_PER_SCAN", "ANNOTATION_COLUMNS", "CANDIDATE_COLUMNS"]
 
 #: The seven operating points of the LUNA16 CPM, in false positives per scan.
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -69,6 +85,9 @@ UNKNOWN_DIAMETER_MM = 10.0
 FROC_MIN_FPS, FROC_MAX_FPS = 0.125, 8.0
 #: Number of points of the official bootstrap band grid (``np.linspace(0.125, 8, 10000)``).
 BAND_POINTS = 10000
+#: Number of points of the official curve grid (``fps_itp = np.linspace(0.125, 8, num=10001)``),
+#: on which the operating points are read (the grid point nearest each rate).
+CURVE_POINTS = 10001
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,7 +100,9 @@ class FrocResult:
         The ROC points of the official script: average false positives per scan,
         fraction of nodules detected, and the probability threshold (``inf`` first).
     sensitivity_at : dict of float -> float
-        Sensitivity at each requested FP/scan rate (``np.interp`` on the curve).
+        Sensitivity at each requested FP/scan rate, read as the official script reads it:
+        the curve interpolated on ``linspace(0.125, 8, 10001)``, at the grid point nearest
+        the rate (:func:`operating_fps`).
     cpm : float
         Mean of ``sensitivity_at`` (the LUNA16 competition performance metric).
     cpm_ci95 : (float, float)
@@ -210,6 +231,49 @@ def _roc_counts(y: np.ndarray, score: np.ndarray, weight: np.ndarray | None = No
     return np.r_[0.0, fps], np.r_[0.0, tps], np.r_[np.inf, thr]
 
 
+def operating_fps(fp_rates: Iterable[float] = FP_RATES) -> np.ndarray:
+    """FP/scan values at which the official script reads each operating point.
+
+    The nearest point to each rate of the official curve grid ``np.linspace(0.125, 8,
+    num=10001)`` (step 7.875e-4 FP/scan).
+
+    Parameters
+    ----------
+    fp_rates : iterable of float
+        Operating points, false positives per scan, each within [0.125, 8] (the grid).
+
+    Returns
+    -------
+    (R,) ndarray of float64
+        The grid values, FP/scan, in the order of ``fp_rates``.
+
+    Raises
+    ------
+    ValueError
+        A rate outside the grid [0.125, 8], or no rate.
+
+    Examples
+    --------
+    >>> operating_fps([0.125, 0.5, 1.0, 8.0]).round(7).tolist()
+    [0.125, 0.49985, 0.9999125, 8.0]
+    """
+    rates = np.asarray([float(r) for r in fp_rates])
+    if rates.size == 0 or not np.all((rates >= FROC_MIN_FPS) & (rates <= FROC_MAX_FPS)):
+        raise ValueError(f"fp_rates must be FP/scan values within the official grid "
+                         f"[{FROC_MIN_FPS:g}, {FROC_MAX_FPS:g}], got {rates.tolist()}")
+    grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, num=CURVE_POINTS)
+    return grid[np.abs(grid[None, :] - rates[:, None]).argmin(axis=1)]
+
+
+def _sensitivity_at(fps: np.ndarray, sens: np.ndarray, at_fps: np.ndarray) -> np.ndarray:
+    """Sensitivity of the curve ``(fps, sens)`` at :func:`operating_fps`'s grid points.
+
+    ``np.interp`` at those points equals ``np.interp`` on the whole 10001-point grid, read
+    at their indices: the official reading, for the CPM and every bootstrap sample.
+    """
+    return np.interp(at_fps, fps, sens)
+
+
 def _froc_curve(y, score, n_scans, n_lesions, weight=None, *, presorted=False):
     if y.size == 0:
         return np.zeros(1), np.zeros(1), np.array([np.inf])
@@ -240,7 +304,9 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
     max_marks_per_scan : int
         Official cap on marks per scan (see the module notes); ``<= 0`` for none.
     fp_rates : iterable of float
-        Operating points in false positives per scan; the CPM is the mean sensitivity.
+        Operating points in false positives per scan, within [0.125, 8]; each is read at
+        the nearest point of the official grid (:func:`operating_fps`); the CPM is the
+        mean sensitivity.
     n_bootstrap : int
         Bootstrap samples (scans drawn with replacement); 0 skips the intervals.
     seed : int
@@ -275,8 +341,7 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
     if excluded is not None:
         excluded = _check_table(excluded, ANNOTATION_COLUMNS, "excluded")
     fp_rates = tuple(float(r) for r in fp_rates)
-    if not fp_rates or min(fp_rates) <= 0:
-        raise ValueError(f"fp_rates must be positive FP/scan values, got {fp_rates}")
+    at_fps = operating_fps(fp_rates)
     if int(n_bootstrap) < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     n_bootstrap = int(n_bootstrap)
@@ -343,7 +408,7 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
     n_scans = len(seriesuids)
     y, p, scan_of = np.asarray(labels), np.asarray(scores, dtype=np.float64), np.asarray(scan_of, int)
     fps, sens, thr = _froc_curve(y, p, n_scans, n_nodules)
-    sens_at = {r: float(v) for r, v in zip(fp_rates, np.interp(fp_rates, fps, sens))}
+    sens_at = {r: float(v) for r, v in zip(fp_rates, _sensitivity_at(fps, sens, at_fps))}
     cpm = float(np.mean(list(sens_at.values())))
 
     nan2 = (float("nan"), float("nan"))
@@ -364,7 +429,7 @@ def froc(annotations: pd.DataFrame, candidates: pd.DataFrame, *, excluded: pd.Da
             if n_les == 0:  # a sample with no nodule: sensitivity 0 everywhere
                 continue
             bf, bs, _ = _froc_curve(y[sel], p[sel], n_scans, n_les, w[sel], presorted=True)
-            at[b] = np.interp(fp_rates, bf, bs)
+            at[b] = _sensitivity_at(bf, bs, at_fps)
             curves[b] = np.interp(grid, bf, bs)
         lo_i = int(math.floor(0.025 * n_bootstrap))
         hi_i = min(int(math.floor(0.975 * n_bootstrap)), n_bootstrap - 1)
@@ -406,7 +471,7 @@ def write_froc(result: FrocResult, out_dir, *, name: str = "CAD") -> dict[str, P
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     try:
-        grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, BAND_POINTS + 1)
+        grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, CURVE_POINTS)
         ax.plot(grid, np.interp(grid, result.fps_per_scan, result.sensitivity), color="b", lw=2,
                 label=f"{name} (CPM {result.cpm:.3f})")
         if result.band_fps.size:
@@ -445,6 +510,316 @@ def format_result(result: FrocResult) -> str:
     for rate, sens in result.sensitivity_at.items():
         lines.append(f"  sensitivity at {rate:g} FP/scan: {sens:.4f}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- folds
+#: Folds of LUNA16's cross-validation: fold K tests on ``subsetK`` (K = 0..9).
+N_FOLDS = 10
+#: Columns of LUNA16's submission file, and of each fold's ``predictions.csv``.
+SUBMISSION_COLUMNS = CANDIDATE_COLUMNS
+
+
+@dataclass(frozen=True, eq=False)
+class PooledResult:
+    """LUNA16 FROC of the pooled test folds of a cross-validation, and of each fold.
+
+    Attributes
+    ----------
+    pooled : FrocResult
+        One FROC over every evaluated scan with every fold's marks.
+    folds : dict of int -> FrocResult or None
+        Fold K's marks over fold K's test scans (``None`` when none of them holds a nodule:
+        its sensitivity is undefined).
+    fold_scans : dict of int -> list of str
+        Each fold's evaluated scans (its ``test_seriesuids``, within ``seriesuids`` if given).
+    seriesuids : list of str
+        The pooled evaluation's scans.
+    untested : list of str
+        Evaluated scans that no fold tested (they count as scans without marks).
+    submission : DataFrame
+        Every fold's marks, fold 0 first, in :data:`SUBMISSION_COLUMNS`.
+    """
+
+    pooled: FrocResult
+    folds: dict
+    fold_scans: dict
+    seriesuids: list
+    untested: list
+    submission: pd.DataFrame
+
+    def rows(self) -> list[dict]:
+        """One row per fold, then ``fold = "pooled"``: scans, nodules, marks kept (after the
+        per-scan cap), CPM, its interval and the sensitivity at each operating point (marks
+        ``None``, the rest ``nan``, for a fold without nodules)."""
+        nan = float("nan")
+        out = []
+        for fold, res in [*self.folds.items(), ("pooled", self.pooled)]:
+            scans = self.fold_scans[fold] if fold != "pooled" else self.seriesuids
+            row = {"fold": fold, "n_scans": len(scans),
+                   "n_nodules": res.n_nodules if res else 0,
+                   "n_marks": res.n_candidates if res else None,
+                   "cpm": res.cpm if res else nan,
+                   "cpm_ci95_lo": res.cpm_ci95[0] if res else nan,
+                   "cpm_ci95_hi": res.cpm_ci95[1] if res else nan}
+            rates = (res or self.pooled).sensitivity_at
+            row.update({f"sensitivity_at_{r:g}": (res.sensitivity_at[r] if res else nan) for r in rates})
+            out.append(row)
+        return out
+
+
+def _fold_numbers(folds) -> list[int]:
+    ks = list(range(N_FOLDS)) if folds is None else sorted({int(k) for k in folds})
+    if not ks or ks[0] < 0:
+        raise ValueError(f"folds must be fold numbers 0, 1, ..., got {folds!r}")
+    return ks
+
+
+def _fold_span(ks: list[int]) -> str:
+    return f"{ks[0]}..{ks[-1]}" if ks == list(range(ks[0], ks[-1] + 1)) else ", ".join(map(str, ks))
+
+
+def read_folds(folds_dir, *, folds: Iterable[int] | None = None) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """Read the test predictions of a cross-validation's folds.
+
+    ``folds_dir/fold_K/`` (K in ``folds``), as ``lungscreen train --folds all``
+    writes it, holds ``fold.json`` (at least ``{"fold": K, "test_seriesuids": [...],
+    "done": true}``) and ``predictions.csv`` (:data:`SUBMISSION_COLUMNS`: LUNA16's
+    submission columns, world mm and probability) with the marks of fold K's test scans.
+
+    Parameters
+    ----------
+    folds_dir : str or Path
+        The training run's output folder.
+    folds : iterable of int, optional
+        Folds expected: fold K tests on ``subsetK``.  Default ``0..9``
+        (:data:`N_FOLDS`, LUNA16's ten subsets).
+
+    Returns
+    -------
+    predictions : DataFrame
+        Every fold's marks, fold 0 first, in file order: :data:`SUBMISSION_COLUMNS`
+        (``seriesuid`` str, the rest float) and ``fold`` (int).
+    test_scans : dict of int -> list of str
+        Each fold's ``test_seriesuids``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``folds_dir`` is not a folder.
+    ValueError
+        In one line: which folds are missing or not done; a ``fold.json`` that is not JSON
+        or lacks ``test_seriesuids``; a ``predictions.csv`` without LUNA16's submission
+        columns or with non-numeric values (the file is named); a scan that two folds test
+        or predict; marks on a scan that is not one of its fold's test scans.
+    """
+    import json
+
+    ks = _fold_numbers(folds)
+    root = Path(folds_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--folds {root} is not a folder; give the output folder of "
+                                f"`lungscreen train --folds all` (it holds fold_{ks[0]} .. fold_{ks[-1]})")
+    missing, not_done, infos = [], [], {}
+    for k in ks:
+        folder = root / f"fold_{k}"
+        if not folder.is_dir():
+            missing.append(k)
+            continue
+        meta_path = folder / "fold.json"
+        if not meta_path.is_file():
+            not_done.append(k)
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{meta_path} is not valid JSON ({exc}); rerun that fold") from None
+        if not isinstance(meta, dict) or meta.get("done") is not True:
+            not_done.append(k)
+            continue
+        if meta.get("fold", k) != k:
+            raise ValueError(f"{meta_path} says fold {meta.get('fold')!r}, but it is in fold_{k}")
+        uids = meta.get("test_seriesuids")
+        if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
+            raise ValueError(f"{meta_path} has no test_seriesuids list (the seriesuids fold {k} tests on)")
+        if not (folder / "predictions.csv").is_file():
+            raise ValueError(f"{folder / 'predictions.csv'} is missing though {meta_path} says done; "
+                              f"rerun fold {k}")
+        infos[k] = uids
+    if missing or not_done:
+        parts = []
+        if missing:
+            parts.append(f"fold(s) {', '.join(map(str, missing))} missing (no fold_K folder)")
+        if not_done:
+            parts.append(f"fold(s) {', '.join(map(str, not_done))} not done (fold.json without "
+                         f"\"done\": true)")
+        raise ValueError(f"{root}: {'; '.join(parts)}; the pooled evaluation needs all folds "
+                          f"{_fold_span(ks)}: finish them with `lungscreen train --folds all` (it resumes)")
+
+    owner: dict[str, int] = {}
+    for k, uids in infos.items():
+        for uid in uids:
+            if uid in owner and owner[uid] != k:
+                raise ValueError(f"scan {uid} is a test scan of two folds: {root / f'fold_{owner[uid]}' / 'fold.json'} "
+                                  f"and {root / f'fold_{k}' / 'fold.json'}")
+            owner[uid] = k
+
+    frames, predicted_in = [], {}
+    for k in ks:
+        path = root / f"fold_{k}" / "predictions.csv"
+        try:
+            df = pd.read_csv(path, dtype={"seriesuid": str})
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"{path} is empty: no header; LUNA16's submission columns are "
+                              f"{','.join(SUBMISSION_COLUMNS)}") from None
+        absent = [c for c in SUBMISSION_COLUMNS if c not in df.columns]
+        if absent:
+            raise ValueError(f"{path} lacks column(s) {absent}: it has {list(df.columns)}; a fold's "
+                              f"predictions.csv has LUNA16's submission columns {','.join(SUBMISSION_COLUMNS)}")
+        df = _check_table(df[list(SUBMISSION_COLUMNS)], SUBMISSION_COLUMNS, str(path))
+        for uid in dict.fromkeys(df["seriesuid"]):
+            if uid in predicted_in:
+                first = root / f"fold_{predicted_in[uid]}" / "predictions.csv"
+                raise ValueError(f"scan {uid} is predicted in two folds: {first} and {path}")
+            predicted_in[uid] = k
+        outside = [u for u in dict.fromkeys(df["seriesuid"]) if owner.get(u) != k]
+        if outside:
+            raise ValueError(f"{path} has marks on {len(outside)} scan(s) that are not fold {k}'s test "
+                              f"scans (test_seriesuids of its fold.json), e.g. {outside[0]}")
+        frames.append(df.assign(fold=k))
+    predictions = pd.concat(frames, ignore_index=True)
+    return predictions, {k: list(infos[k]) for k in ks}
+
+
+def pool_folds(folds_dir, annotations: pd.DataFrame, *, excluded: pd.DataFrame | None = None,
+               seriesuids: Iterable[str] | None = None, folds: Iterable[int] | None = None,
+               max_marks_per_scan: int = MAX_MARKS_PER_SCAN, fp_rates: Iterable[float] = FP_RATES,
+               n_bootstrap: int = 1000, seed: int = 0) -> PooledResult:
+    """LUNA16 FROC/CPM of a cross-validation: the test folds pooled, and each fold alone.
+
+    The pooled FROC is :func:`froc` of every fold's marks together over every evaluated
+    scan (the published 10-fold LUNA16 numbers); fold K's is :func:`froc` of its marks
+    over its own test scans.
+
+    Parameters
+    ----------
+    folds_dir : str or Path
+        The training run's output folder (:func:`read_folds`).
+    annotations, excluded : DataFrame
+        As :func:`froc` (LUNA16's ``annotations.csv``, ``annotations_excluded.csv``).
+    seriesuids : iterable of str, optional
+        Scans evaluated (LUNA16's ``seriesuids.csv``).  Default: every fold's
+        ``test_seriesuids``.  Scans listed here that no fold tested count as scans without
+        marks (:attr:`PooledResult.untested`); a fold's scans outside it are left out.
+    folds, max_marks_per_scan, fp_rates, n_bootstrap, seed
+        As :func:`read_folds` and :func:`froc` (the same for the pooled and each fold's FROC).
+
+    Returns
+    -------
+    PooledResult
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        From :func:`read_folds` and :func:`froc`.
+    TypeError
+        ``seriesuids`` is one string, or a table is not a DataFrame.
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for k in range(10):
+    ...     (root / f"fold_{k}").mkdir()
+    ...     _ = (root / f"fold_{k}" / "fold.json").write_text(json.dumps(
+    ...         {"fold": k, "test_subset": k, "test_seriesuids": [f"s{k}"], "done": True}))
+    ...     _ = (root / f"fold_{k}" / "predictions.csv").write_text(
+    ...         f"seriesuid,coordX,coordY,coordZ,probability\\ns{k},0,0,0,0.9\\ns{k},50,0,0,0.1\\n")
+    >>> ann = pd.DataFrame({"seriesuid": [f"s{k}" for k in range(10)], "coordX": 0.0, "coordY": 0.0,
+    ...                     "coordZ": 0.0, "diameter_mm": 10.0})
+    >>> res = pool_folds(root, ann, n_bootstrap=0)
+    >>> res.pooled.cpm, res.pooled.n_scans, res.folds[5].cpm, len(res.submission)
+    (1.0, 10, 1.0, 20)
+    """
+    predictions, test_scans = read_folds(folds_dir, folds=folds)
+    tested = [u for uids in test_scans.values() for u in uids]
+    if seriesuids is None:
+        evaluated = tested
+    elif isinstance(seriesuids, (str, bytes)):
+        raise TypeError("seriesuids must be a list of series UIDs, not one string; "
+                        "use read_seriesuids(path) for a seriesuids.csv")
+    else:
+        evaluated = list(dict.fromkeys(str(s) for s in seriesuids))
+    keep = set(evaluated)
+    fold_scans = {k: [u for u in uids if u in keep] for k, uids in test_scans.items()}
+    untested = sorted(keep - set(tested))
+    annotations = _check_table(annotations, ANNOTATION_COLUMNS, "annotations")
+    settings = dict(excluded=excluded, max_marks_per_scan=max_marks_per_scan, fp_rates=fp_rates,
+                    n_bootstrap=n_bootstrap, seed=seed)
+    submission = predictions[list(SUBMISSION_COLUMNS)]
+    pooled = froc(annotations, submission, seriesuids=evaluated, **settings)
+    with_nodules = set(annotations["seriesuid"])
+    per_fold = {}
+    for k, scans in fold_scans.items():
+        per_fold[k] = (froc(annotations, submission[predictions["fold"] == k], seriesuids=scans, **settings)
+                       if with_nodules.intersection(scans) else None)
+    return PooledResult(pooled=pooled, folds=per_fold, fold_scans=fold_scans, seriesuids=evaluated,
+                        untested=untested, submission=submission.reset_index(drop=True))
+
+
+def format_pooled(result: PooledResult) -> str:
+    """The table the CLI prints: one line per fold, then the pooled line, and notes."""
+    rates = list(result.pooled.sensitivity_at)
+    head = (f"{'fold':>6} {'scans':>5} {'nodules':>7} {'marks':>6} {'CPM':>6} {'95% CI':>13} "
+            + " ".join(f"{r:>6g}" for r in rates))
+    lines = ["sensitivity at FP/scan (LUNA16 operating points):", head]
+    for row in result.rows():
+        if math.isnan(row["cpm"]):
+            tail = f"{'-':>6} {'-':>13} " + " ".join(f"{'-':>6}" for _ in rates)
+        else:
+            ci = f"{row['cpm_ci95_lo']:.3f}-{row['cpm_ci95_hi']:.3f}"
+            tail = (f"{row['cpm']:6.4f} {ci:>13} "
+                    + " ".join(f"{row[f'sensitivity_at_{r:g}']:6.3f}" for r in rates))
+        marks = "-" if row["n_marks"] is None else str(row["n_marks"])
+        lines.append(f"{row['fold']!s:>6} {row['n_scans']:5d} {row['n_nodules']:7d} {marks:>6} {tail}")
+    empty = [k for k, res in result.folds.items() if res is None]
+    if empty:
+        lines.append(f"fold(s) {', '.join(map(str, empty))}: no nodule on the test scans, no CPM of their own "
+                     f"(their marks count in the pooled FROC)")
+    if result.untested:
+        lines.append(f"{len(result.untested)} evaluated scan(s) are in no fold's test_seriesuids (e.g. "
+                     f"{result.untested[0]}): they count as scans without marks")
+    lines.append(f"pooled CPM {result.pooled.cpm:.4f} over {result.pooled.n_scans} scans, "
+                 f"{result.pooled.n_nodules} nodules, candidate recall {result.pooled.candidate_recall:.4f}")
+    return "\n".join(lines)
+
+
+def write_pooled(result: PooledResult, out_dir, *, submission_path=None) -> dict[str, Path]:
+    """Write a pooled evaluation.
+
+    ``out_dir/cpm.csv`` (:meth:`PooledResult.rows`: the folds and the pooled line),
+    ``out_dir/cpm.json`` (the pooled and each fold's :meth:`FrocResult.summary`, with the
+    folds' scans), the pooled curve as :func:`write_froc` writes it (``froc.csv``,
+    ``froc.png``, ``froc.json``), and the submission file (:attr:`PooledResult.submission`,
+    default ``out_dir/submission.csv``).
+
+    Returns the paths by key ``cpm_csv``, ``cpm_json``, ``csv``, ``png``, ``json``,
+    ``submission``.
+    """
+    from pipeline.io import write_csv, write_json
+
+    if not isinstance(result, PooledResult):
+        raise TypeError(f"result must be a PooledResult from pool_folds(), got {type(result).__name__}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_froc(result.pooled, out, name=f"{len(result.folds)} folds pooled")
+    paths["cpm_csv"] = write_csv(pd.DataFrame(result.rows()), out / "cpm.csv")
+    paths["cpm_json"] = write_json({
+        "pooled": result.pooled.summary(),
+        "folds": {str(k): {**(res.summary() if res else {"cpm": None}), "seriesuids": result.fold_scans[k]}
+                  for k, res in result.folds.items()},
+        "untested_seriesuids": result.untested}, out / "cpm.json")
+    paths["submission"] = write_csv(result.submission, Path(submission_path or out / "submission.csv"))
+    return paths
 
 
 # ----------------------------------------------------------------------------- patients
@@ -543,6 +918,43 @@ def format_patient_scores(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+#: Where a LUNA16 folder keeps the evaluation's files: its root, or the evaluation script's
+#: ``evaluationScript/annotations/`` (:mod:`pipeline.luna16`).
+LUNA16_EVALUATION_FILES = {
+    "annotations": ("annotations.csv", "evaluationScript/annotations/annotations.csv"),
+    "excluded": ("annotations_excluded.csv", "evaluationScript/annotations/annotations_excluded.csv"),
+    "seriesuids": ("seriesuids.csv", "evaluationScript/annotations/seriesuids.csv"),
+}
+
+
+def luna16_files(root) -> dict[str, Path]:
+    """The evaluation's files in a LUNA16 folder: ``annotations``, ``excluded``, ``seriesuids``.
+
+    Each is looked for at :data:`LUNA16_EVALUATION_FILES`'s places, first found wins.
+    ``seriesuids`` is left out when absent (the evaluated scans then default to the marked
+    ones' or the folds'); ``annotations`` and ``excluded`` must be there.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``root`` is not a folder, or lacks ``annotations.csv`` or ``annotations_excluded.csv``
+        (the message names the places looked at).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root} is not a folder; give the LUNA16 folder holding "
+                                "annotations.csv and evaluationScript/")
+    found = {}
+    for key, names in LUNA16_EVALUATION_FILES.items():
+        path = next((root / n for n in names if (root / n).is_file()), None)
+        if path is None and key != "seriesuids":
+            raise FileNotFoundError(f"--data {root}: no {Path(names[0]).name} (looked for "
+                                    f"{' and '.join(names)}); give --{key} FILE")
+        if path is not None:
+            found[key] = path
+    return found
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``evaluate`` options to ``parser`` (``lungscreen evaluate``, ``python -m pipeline.evaluate``).
 
@@ -551,6 +963,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--annotations", default=None, help="annotations.csv (LUNA16 columns)")
     parser.add_argument("--candidates", default=None,
                         help="CAD marks: seriesuid,coordX,coordY,coordZ,probability (or score)")
+    parser.add_argument("--folds", default=None, metavar="OUT",
+                        help="a cross-validation's output folder (`lungscreen train --folds all`): pool "
+                             f"fold_0..fold_{N_FOLDS - 1}/predictions.csv into one FROC/CPM beside each "
+                             "fold's, write OUT/submission.csv (LUNA16's submission file)")
+    parser.add_argument("--data", default=None, metavar="LUNA16_ROOT",
+                        help="a LUNA16 folder: annotations.csv, annotations_excluded.csv and seriesuids.csv "
+                             "are read from it or its evaluationScript/annotations/ (the options above "
+                             "override them); with --folds, its subsetK folders are the folds expected "
+                             f"(default: 0..{N_FOLDS - 1})")
     parser.add_argument("--patients", default=None,
                         help="patient truth id,cancer (0/1): score --predictions instead of the FROC")
     parser.add_argument("--predictions", default=None,
@@ -558,7 +979,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--excluded", default=None, help="annotations_excluded.csv (optional)")
     parser.add_argument("--seriesuids", default=None,
                         help="seriesuids.csv listing the evaluated scans (default: scans in annotations)")
-    parser.add_argument("--out", default=None, help="folder for froc.csv, froc.png, froc.json")
+    parser.add_argument("--out", default=None, help="folder for froc.csv, froc.png, froc.json (with "
+                        "--folds also cpm.csv, cpm.json; default there: the --folds folder)")
     parser.add_argument("--max-marks-per-scan", type=int, default=MAX_MARKS_PER_SCAN, help="official cap; <=0 for none")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap samples (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -566,9 +988,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run the evaluation the parsed ``args`` describe, print it, write the files if ``--out``.
+    """Run the evaluation the parsed ``args`` describe, print it, write the files.
 
-    ``args`` come from :func:`add_arguments`; returns the exit status: 0 done; 2 a table is missing or unusable (the reason is printed as ``error: ...``).
+    ``--candidates``: one FROC, files written with ``--out``.  ``--folds OUT``: the folds
+    pooled (:func:`pool_folds`), the table printed, :func:`write_pooled`'s files written to
+    ``--out`` (default ``OUT``) and the submission to ``OUT/submission.csv``.  ``--data``
+    finds the tables (:func:`luna16_files`) that ``--annotations``, ``--excluded`` and
+    ``--seriesuids`` do not name, and with ``--folds`` its ``subsetK`` folders are the folds
+    expected (as ``lungscreen train --folds all`` trains one fold per subset; default 0..9).
+
+    ``args`` come from :func:`add_arguments`; returns the exit status: 0 done; 2 a table or
+    fold is missing or unusable (the reason is printed in one line, ``error: ...``).
     """
     if args.patients or args.predictions:
         if not (args.patients and args.predictions):
@@ -588,20 +1018,40 @@ def run_from_args(args: argparse.Namespace) -> int:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             write_json(result, Path(args.out) / "patients.json")
         return 0
-    if not (args.annotations and args.candidates):
-        print("error: give --annotations and --candidates (LUNA16 FROC) or --patients and "
-              "--predictions (patient log loss and AUC)", file=sys.stderr)
+    if args.folds and args.candidates:
+        print("error: give --folds (a cross-validation's folds, pooled) or --candidates (one run's "
+              "marks), not both", file=sys.stderr)
+        return 2
+    if not (args.folds or args.candidates) or not (args.annotations or args.data):
+        print("error: give --annotations (or --data LUNA16_ROOT) with --candidates or --folds (LUNA16 "
+              "FROC), or --patients and --predictions (patient log loss and AUC)", file=sys.stderr)
         return 2
     try:
-        ann = pd.read_csv(args.annotations, dtype={"seriesuid": str})
-        cand = pd.read_csv(args.candidates, dtype={"seriesuid": str})
-        exc = pd.read_csv(args.excluded, dtype={"seriesuid": str}) if args.excluded else None
-        uids = read_seriesuids(args.seriesuids) if args.seriesuids else None
-        result = froc(ann, cand, excluded=exc, seriesuids=uids, max_marks_per_scan=args.max_marks_per_scan,
-                      n_bootstrap=args.n_bootstrap, seed=args.seed)
+        files = luna16_files(args.data) if args.data else {}
+        ann_path = args.annotations or files["annotations"]
+        exc_path = args.excluded or files.get("excluded")
+        uids_path = args.seriesuids or files.get("seriesuids")
+        ann = pd.read_csv(ann_path, dtype={"seriesuid": str})
+        exc = pd.read_csv(exc_path, dtype={"seriesuid": str}) if exc_path else None
+        uids = read_seriesuids(uids_path) if uids_path else None
+        settings = dict(excluded=exc, seriesuids=uids, max_marks_per_scan=args.max_marks_per_scan,
+                        n_bootstrap=args.n_bootstrap, seed=args.seed)
+        if args.folds:
+            subsets = sorted(int(d.name[6:]) for d in Path(args.data).glob("subset*")
+                             if d.is_dir() and d.name[6:].isdigit()) if args.data else []
+            pooled = pool_folds(args.folds, ann, folds=subsets or None, **settings)
+        else:
+            cand = pd.read_csv(args.candidates, dtype={"seriesuid": str})
+            result = froc(ann, cand, **settings)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.folds:
+        print(format_pooled(pooled))
+        paths = write_pooled(pooled, args.out or args.folds,
+                             submission_path=Path(args.folds) / "submission.csv")
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        return 0
     print(format_result(result))
     if args.out:
         paths = write_froc(result, args.out, name=Path(args.candidates).stem)
@@ -610,9 +1060,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m pipeline.evaluate --annotations A --candidates C [...]``; returns the exit status."""
+    """``python -m pipeline.evaluate --annotations A --candidates C [...]`` (or ``--folds OUT``);
+    returns the exit status."""
     parser = add_arguments(argparse.ArgumentParser(
-        prog="python -m pipeline.evaluate", description="LUNA16 FROC / CPM of CAD marks"))
+        prog="python -m pipeline.evaluate", description="LUNA16 FROC / CPM of CAD marks, or of a "
+        "cross-validation's folds pooled"))
     return run_from_args(parser.parse_args(argv))
 
 

@@ -541,7 +541,8 @@ def train_folds(data, out="models", folds="all", **settings) -> list[dict]:
     folds = [int(k) for k in folds]
     for k in folds:
         fold_subsets(len(nums), k)  # checks every fold number before anything runs
-    reporter = _reporter(settings.get("progress"))
+    # under torchrun rank 0 reports (RANK: torchrun's; the process group starts in the first fold)
+    reporter = _reporter(settings.get("progress") if os.environ.get("RANK", "0") == "0" else False)
     results = []
     for i, k in enumerate(folds):
         _say(reporter, f"fold {k}", f"fold {i + 1} of {len(folds)}")
@@ -585,10 +586,11 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     """
     import torch
 
-    from nets.callbacks import (Checkpoint, EarlyStopping, MetricsLogger, MixedPrecision,
-                                accuracy, roc_auc)
+    from nets.callbacks import (Checkpoint, DistributedTrainer, EarlyStopping, MetricsLogger,
+                                MixedPrecision, accuracy, roc_auc)
     from nets.cnn3d import NoduleNet3D, save_classifier
     from nets.data import CubeDataset, PositiveFractionSampler, augment_cube
+    from nets.distributed import barrier, init_distributed, is_main_process, on_main_process
     from nets.train import DataLoaders, Learner, pick_device, set_seed
 
     if lr is not None and not lr > 0:
@@ -597,9 +599,13 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         raise ValueError(f"need epochs >= 1, batch_size >= 2, max_neg_per_scan >= 0; got "
                          f"{epochs}, {batch_size}, {max_neg_per_scan}")
     out = Path(out)
-    dev = pick_device(device)
+    ddp = init_distributed(device)  # under torchrun: this rank's place and device; else None
+    dev = ddp.device if ddp else pick_device(device)
+    if ddp and batch_size % ddp.world_size:
+        raise ValueError(f"batch_size {batch_size} does not split over {ddp.world_size} processes; "
+                         "make it a multiple of --nproc_per_node")
     fold_info = None
-    reporter = _reporter(progress)
+    reporter = _reporter(progress if is_main_process() else False)  # rank 0 reports
     if fold is not None:  # LUNA16 cross-validation: per-scan entries, one fold's subsets
         if cache_file is not None:
             raise ValueError("a fold reads the LUNA16 tree's cache; give --data, not --from-cache")
@@ -613,8 +619,8 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
             return {"fold": done, "skipped": True, "out": fold_out}
         from pipeline.luna16_cache import EntryCubes, preprocess_luna16
 
-        manifest = preprocess_luna16(
-            data, Path(cache_dir) if cache_dir is not None else out / "cache", negatives=negatives,
+        manifest = on_main_process(  # rank 0 preprocesses what is not cached, the others wait
+            preprocess_luna16, data, Path(cache_dir) if cache_dir is not None else out / "cache", negatives=negatives,
             size_mm=size_mm, spacing_mm=spacing_mm, max_neg_per_scan=max_neg_per_scan,
             lung_neg_per_scan=lung_neg_per_scan, detect_max_candidates=detect_max_candidates,
             seed=seed, workers=prep_workers, device=str(dev), progress=reporter.mode)
@@ -644,8 +650,8 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
             n_scans = {s: len(set(h5[s]["seriesuid"][:])) for s in ("train", "val")}
     else:
         data = Path(data)
-        cache, cand_source, n_scans = _prepare_cache(
-            data, out, seed=seed, max_neg_per_scan=max_neg_per_scan, size_mm=size_mm,
+        cache, cand_source, n_scans = on_main_process(  # rank 0 cuts the cubes, the others wait
+            _prepare_cache, data, out, seed=seed, max_neg_per_scan=max_neg_per_scan, size_mm=size_mm,
             spacing_mm=spacing_mm, device=dev, cache_dir=cache_dir, progress=progress,
             detect_max_candidates=detect_max_candidates, lung_neg_per_scan=lung_neg_per_scan,
             negatives=negatives)
@@ -676,7 +682,7 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
         model = NoduleNet3D(widths, dropout=dropout)
     out.mkdir(parents=True, exist_ok=True)
     cbs = [Checkpoint(out / "checkpoint.pt", resume=resume), MetricsLogger(out / "train_log.csv"),
-           MixedPrecision()]
+           MixedPrecision(), DistributedTrainer()]
     if patience and valid_dl is not None:
         cbs.append(EarlyStopping("valid_loss", patience=patience))
     if reporter.mode == "log":
@@ -699,8 +705,9 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
     info = {"data": str(data), "seed": int(seed), "epochs_run": len(history),
             "trained_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **{k: float(v) for k, v in final.items() if k != "epoch"}}
-    weights = save_classifier(learn.model, out / WEIGHTS_NAME, size_mm=size_mm,
-                              spacing_mm=spacing_mm, info=info)
+    weights = (save_classifier(learn.model, out / WEIGHTS_NAME, size_mm=size_mm,
+                               spacing_mm=spacing_mm, info=info) if is_main_process()
+               else out / WEIGHTS_NAME)
     result = {"weights": weights, "log": out / "train_log.csv", "card": out / "nodule_cnn3d.md",
               "init_weights": None if init_weights is None else str(init_weights),
               "checkpoint": out / "checkpoint.pt", "cache": cache, "counts": counts,
@@ -709,10 +716,11 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
               "lr_find": None if lr_found is None else {"suggested": lr_found.suggested,
                                                         "steep": lr_found.steep,
                                                         "min_div10": lr_found.min_div10}}
-    _write_card(result, model=learn.model, data=data, command=command, seed=seed, epochs=epochs,
-                lr=lr, batch_size=batch_size, pos_fraction=pos_fraction, size_mm=size_mm,
-                max_neg_per_scan=max_neg_per_scan, weight_decay=weight_decay)
-    if fold_info is not None:
+    if is_main_process():  # one writer under torchrun; the other ranks wait at the barrier
+        _write_card(result, model=learn.model, data=data, command=command, seed=seed, epochs=epochs,
+                    lr=lr, batch_size=batch_size, pos_fraction=pos_fraction, size_mm=size_mm,
+                    max_neg_per_scan=max_neg_per_scan, weight_decay=weight_decay)
+    if fold_info is not None and is_main_process():
         t0 = time.perf_counter()
         preds = predict_fold(weights, fold_info.pop("_test_entries"), device=dev)
         result["predictions"] = write_csv(preds, out / PREDICTIONS_CSV)
@@ -722,10 +730,13 @@ def train_classifier(data, out="models", *, epochs: int = 10, batch_size: int = 
                           "epochs_run": len(history), "seed": int(seed),
                           "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         write_json(fold_info, out / FOLD_JSON)
-        result["fold"] = fold_info
         _say(reporter, f"fold {fold}", f"done: {len(preds)} candidates of "
                                       f"{len(fold_info['test_seriesuids'])} test scans scored "
                                       f"-> {out / PREDICTIONS_CSV}")
+    if fold_info is not None:
+        fold_info.pop("_test_entries", None)
+        result["fold"] = fold_info
+    barrier()
     return result
 
 

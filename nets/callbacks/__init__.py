@@ -14,6 +14,8 @@ Import them from here (``from nets.callbacks import Checkpoint``); the modules a
 - :mod:`nets.callbacks.checkpoint`: :class:`Checkpoint` (save/resume), RNG state.
 - :mod:`nets.callbacks.progress`: :class:`ProgressCallback`, :class:`MetricsLogger`.
 - :mod:`nets.callbacks.mixed_precision`: :class:`MixedPrecision`, :class:`GradientClip`.
+- :mod:`nets.callbacks.distributed`: :class:`DistributedTrainer` (DDP under ``torchrun``;
+  the launcher side is :mod:`nets.distributed`).
 
 None of them imports :mod:`nets.train`; the loop imports them.
 """
@@ -21,6 +23,7 @@ from nets.callbacks.checkpoint import Checkpoint, get_rng_state, set_rng_state
 # not in __all__ (their home is nets.train), but importable from here as before the split
 from nets.callbacks.core import (Callback, CancelFitException, CancelStepException,
                                  CancelValidException)
+from nets.callbacks.distributed import DistributedTrainer
 from nets.callbacks.metrics import accuracy, roc_auc
 from nets.callbacks.mixed_precision import GradientClip, MixedPrecision
 from nets.callbacks.progress import MetricsLogger, ProgressCallback
@@ -32,5 +35,5 @@ __all__ = [
     "sched_lin", "sched_cos", "sched_exp", "sched_no", "combine_scheds", "set_hyper",
     "ParamScheduler", "LRFinder", "EarlyStopping", "Checkpoint", "MetricsLogger",
     "ProgressCallback", "MixedPrecision", "GradientClip", "TerminateOnNaN",
-    "roc_auc", "accuracy", "get_rng_state", "set_rng_state",
+    "roc_auc", "accuracy", "get_rng_state", "set_rng_state", "DistributedTrainer",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from nets.callbacks.core import Callback
+from nets.distributed import is_main_process
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class Checkpoint(Callback):
     Python/numpy/torch RNG states, all as tensors, dicts, lists, ints and floats, so
     ``torch.load(path, weights_only=True)`` reads it.  With ``resume=True`` and an existing
     file, training continues at the next epoch exactly as it would have without the
-    interruption (same ``n_epoch`` and data order required).
+    interruption (same ``n_epoch`` and data order required).  Under ``torchrun`` only rank 0
+    writes the file; every rank reads it on resume.
 
     Parameters
     ----------
@@ -112,7 +114,10 @@ class Checkpoint(Callback):
             self.save()
 
     def save(self) -> Path:
-        """Write the checkpoint now; returns its path."""
+        """Write the checkpoint now (rank 0 only under torchrun: the ranks hold the same
+        weights); returns its path."""
+        if not is_main_process():
+            return self.path
         learn = self.learn
         state = {"format": self.FORMAT, "epoch": int(learn.epoch), "n_epoch": int(learn.n_epoch),
                  "model": learn.model.state_dict(), "opt": learn.opt.state_dict(),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from nets.callbacks.core import Callback
+from nets.distributed import is_main_process
 from pipeline.io import atomic_path
 
 __all__ = ["ProgressCallback", "MetricsLogger"]
@@ -22,6 +23,7 @@ class MetricsLogger(Callback):
     ----------
     path : str or Path
         The log file, written through a temporary name and renamed; its suffix picks the format.
+        Under ``torchrun`` only rank 0 writes it.
 
     Raises
     ------
@@ -37,6 +39,8 @@ class MetricsLogger(Callback):
             raise ValueError(f"log path must end in .csv, .json or .jsonl, got {self.path.name!r}")
 
     def after_epoch(self):
+        if not is_main_process():  # under torchrun every rank records the same global rows
+            return
         rows = self.learn.recorder.values
         if self.path.suffix == ".csv":
             keys = list(dict.fromkeys(k for row in rows for k in row))
@@ -62,6 +66,7 @@ class ProgressCallback(Callback):
     ----------
     disable : bool or None
         ``True`` hides the bar and the rows; ``None`` shows them only when stderr is a terminal.
+        Under ``torchrun`` only rank 0 shows them.
     """
 
     order = 70
@@ -73,7 +78,7 @@ class ProgressCallback(Callback):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=len(self.learn.dls.train), leave=False,
-                        disable=self.disable, desc=f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}")
+                        disable=self.disable or not is_main_process(), desc=f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}")
 
     def after_batch(self):
         if self.bar is not None and self.learn.training:
@@ -88,6 +93,8 @@ class ProgressCallback(Callback):
     after_train = after_fit = _close
 
     def after_epoch(self):
+        if not is_main_process():
+            return
         if (not self.disable) if self.disable is not None else _isatty():
             from tqdm.auto import tqdm
 

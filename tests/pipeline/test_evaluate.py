@@ -120,6 +120,69 @@ def test_interpolation_between_operating_points():
     assert res.cpm == pytest.approx((0.75 + 6.0) / 7.0)
 
 
+def _step_on_half_fp_per_scan():
+    """40 scans, 4 nodules (scans s0..s3, one each, 10 mm at the origin), 20 FPs elsewhere.
+
+    By descending probability: nodule 1 hit (0.9); FPs 1-9 (0.89 .. 0.81); FPs 10 and 11
+    tied with the nodule 2 hit (0.80); FPs 12-20 (0.79 .. 0.71); nodule 3 hit (0.70);
+    nodule 4 missed.
+    """
+    ann = ann_df([(f"s{i}", 0.0, 0.0, 0.0, 10.0) for i in range(4)])
+    fp_scores = [0.89 - 0.01 * i for i in range(9)] + [0.80, 0.80] + [0.79 - 0.01 * i for i in range(9)]
+    rows = [("s0", 1.0, 0.0, 0.0, 0.9), ("s1", 0.0, 1.0, 0.0, 0.8), ("s2", 0.0, 0.0, 1.0, 0.7)]
+    rows += [(f"s{4 + i}", 50.0, 0.0, 0.0, p) for i, p in enumerate(fp_scores)]
+    return ann, cand_df(rows), [f"s{i}" for i in range(40)]
+
+
+def test_operating_points_are_read_on_the_official_grid():
+    ann, cand, uids = _step_on_half_fp_per_scan()
+    res = froc(ann, cand, seriesuids=uids, n_bootstrap=0)
+    # ROC counts (FP, TP) at each distinct score: (0,1) at .9, (1,1)..(9,1), (11,2) at the tie
+    # .8, (12,2)..(20,2), (20,3) at .7; collinear points dropped, (0,0) first:
+    #   (0,0) (0,1) (9,1) (11,2) (20,2) (20,3)  ->  / 40 scans, / 4 nodules:
+    np.testing.assert_allclose(res.fps_per_scan, [0, 0, 0.225, 0.275, 0.5, 0.5])
+    np.testing.assert_allclose(res.sensitivity, [0, 0.25, 0.25, 0.5, 0.5, 0.75])
+    # grid linspace(0.125, 8, 10001), step 7.875 / 10000 = 0.0007875; nearest grid points:
+    #   1/8 -> index 0 = 0.125 (flat segment at 0.25)                        -> 0.25
+    #   1/4 -> (0.25 - 0.125) / 0.0007875 = 158.73 -> index 159 = 0.2502125, on the tie's
+    #          diagonal (0.225, 0.25)-(0.275, 0.5): 0.25 + 0.25 * 0.0252125 / 0.05 -> 0.3760625
+    #          (np.interp at exactly 0.25 would give 0.375)
+    #   1/2 -> 0.375 / 0.0007875 = 476.19 -> index 476 = 0.49985, on (0.275, 0.5)-(0.5, 0.5),
+    #          before the step the 20th FP ends at 0.5                          -> 0.5
+    #          (np.interp at exactly 0.5 takes the step's top, 0.75)
+    #   1, 2, 4, 8 -> past the curve's last point (0.5, 0.75)                   -> 0.75
+    expected = {0.125: 0.25, 0.25: 0.3760625, 0.5: 0.5, 1.0: 0.75, 2.0: 0.75, 4.0: 0.75, 8.0: 0.75}
+    assert res.sensitivity_at == pytest.approx(expected, abs=1e-9)
+    # CPM (0.25 + 0.3760625 + 0.5 + 4 * 0.75) / 7 = 4.1260625 / 7 (exact-rate reading: 4.375 / 7)
+    assert res.cpm == pytest.approx(4.1260625 / 7, abs=1e-9)
+
+
+def test_bootstrap_reads_the_same_grid_points():
+    # 40 identical scans, each: nodule A hit (0.9), one FP (0.8), nodule B hit (0.6).  Every
+    # bootstrap sample (scans drawn with replacement) is then the same curve as the whole:
+    # counts (0,0) (0,40) (40,40) (40,80) -> FP/scan 0, 0, 1, 1; sensitivity 0, .5, .5, 1.
+    # The step sits on 1 FP/scan, read at the grid point 0.9999125: 0.5 (exact rate: 1.0).
+    # CPM = (0.5 * 4 + 1.0 * 3) / 7 = 5 / 7 (exact-rate reading: 5.5 / 7).
+    uids = [f"s{i}" for i in range(40)]
+    ann = ann_df([(u, 0.0, 0.0, 100.0 * k, 10.0) for u in uids for k in (0, 1)])
+    cand = cand_df([(u, 0.0, 0.0, 0.0, 0.9) for u in uids] + [(u, 50.0, 0.0, 0.0, 0.8) for u in uids]
+                   + [(u, 0.0, 0.0, 100.0, 0.6) for u in uids])
+    res = froc(ann, cand, seriesuids=uids, n_bootstrap=50, seed=2)
+    assert res.sensitivity_at[1.0] == pytest.approx(0.5)
+    assert res.cpm == pytest.approx(5 / 7)
+    assert res.cpm_ci95 == pytest.approx((5 / 7, 5 / 7))
+    assert res.sensitivity_at_ci95[1.0] == pytest.approx((0.5, 0.5))
+
+
+def test_operating_points_must_lie_on_the_grid():
+    from pipeline.evaluate import operating_fps
+
+    assert operating_fps(FP_RATES) == pytest.approx([0.125, 0.2502125, 0.49985, 0.9999125, 2.0000375,
+                                                     4.0002875, 8.0], abs=1e-12)
+    with pytest.raises(ValueError, match=r"within the official grid \[0.125, 8\]"):
+        froc(ONE_NODULE, cand_df([]), fp_rates=[16.0], n_bootstrap=0)
+
+
 def test_scans_without_findings_add_false_positives_per_scan():
     ann, cand = _two_nodules_four_scans()
     six = froc(ann, cand, seriesuids=list("ABCDEF"), n_bootstrap=0)
@@ -206,7 +269,9 @@ def official_cpm(ann, exc, cand, uids, cap=100):
     fpr, tpr, _ = metrics.roc_curve(gt[~excl], prob[~excl])
     fps = fpr * (np.sum(~excl) - gt[~excl].sum()) / len(uids)
     sens = tpr * gt[~excl].sum() / gt.sum()
-    return float(np.mean(np.interp(FP_RATES, fps, sens)))
+    fps_itp = np.linspace(0.125, 8, num=10001)  # the official curve grid
+    sens_itp = np.interp(fps_itp, fps, sens)
+    return float(np.mean([sens_itp[np.argmin(np.abs(fps_itp - r))] for r in FP_RATES]))
 
 
 def test_matches_a_literal_port_of_the_official_loop(rng):
@@ -303,3 +368,248 @@ def test_registered_as_lungscreen_subcommand(tmp_path, capsys):
     assert cli.main(["evaluate", "--annotations", str(tmp_path / "a.csv"), "--candidates",
                      str(tmp_path / "c.csv"), "--n-bootstrap", "0"]) == 0
     assert "CPM 1.0000" in capsys.readouterr().out  # default scans: A and B only, no FP
+
+
+# ----------------------------------------------------------------------------- folds pooled
+def write_folds(root, predictions: dict, test_scans: dict, *, done=True):
+    """A cross-validation's output as `lungscreen train --folds all` writes it."""
+    for k, uids in test_scans.items():
+        folder = root / f"fold_{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        cand_df(predictions.get(k, [])).to_csv(folder / "predictions.csv", index=False)
+        (folder / "fold.json").write_text(json.dumps({"fold": k, "test_subset": k,
+                                                      "test_seriesuids": uids, "done": done}))
+    return root
+
+
+def ten_folds(tmp_path, rng):
+    """20 scans, 2 per fold (fold K tests on sKa, sKb); a nodule on each sKa, a second on s0b.
+
+    Fold 0, by hand: FP 0.95 on s0b, then nodule s0a hit at 0.9, nodule s0b missed: counts
+    (0,0) (1,0) (1,1), i.e. FP/scan 0, 0.5, 0.5 and sensitivity 0, 0, 0.5.  Its other folds' marks are random hits and FPs.
+    """
+    scans = {k: [f"s{k}a", f"s{k}b"] for k in range(10)}
+    ann = ann_df([(f"s{k}a", 0.0, 0.0, 0.0, 10.0) for k in range(10)] + [("s0b", 0.0, 0.0, 0.0, 10.0)])
+    exc = ann_df([("s3a", 80.0, 0.0, 0.0, -1.0)])
+    preds = {0: [("s0b", 50.0, 0.0, 0.0, 0.95), ("s0a", 1.0, 0.0, 0.0, 0.9)]}
+    for k in range(1, 10):
+        rows = [(f"s{k}a", 1.0, 0.0, 0.0, round(rng.random(), 3))] if k % 4 else []  # folds 4, 8: missed
+        rows += [(scans[k][rng.integers(2)], 50.0 + i, 0.0, 0.0, round(rng.random(), 3))
+                 for i in range(rng.integers(1, 5))]
+        preds[k] = rows
+    preds[3].append(("s3a", 81.0, 0.0, 0.0, 0.99))  # on the excluded finding: ignored
+    return write_folds(tmp_path / "cv", preds, scans), ann, exc, preds, scans
+
+
+def test_pooled_cpm_is_the_froc_of_the_concatenated_predictions(tmp_path, rng):
+    from pipeline.evaluate import pool_folds
+
+    root, ann, exc, preds, scans = ten_folds(tmp_path, rng)
+    res = pool_folds(root, ann, excluded=exc, n_bootstrap=0)
+    every = cand_df([r for k in range(10) for r in preds[k]])
+    all_scans = [u for k in range(10) for u in scans[k]]
+    ref = froc(ann, every, excluded=exc, seriesuids=all_scans, n_bootstrap=0)
+    assert res.pooled.cpm == ref.cpm and res.pooled.sensitivity_at == ref.sensitivity_at
+    assert (res.pooled.n_scans, res.pooled.n_nodules, res.pooled.n_ignored) == (20, 11, 1)
+    for k in range(10):
+        alone = froc(ann, cand_df(preds[k]), excluded=exc, seriesuids=scans[k], n_bootstrap=0)
+        assert res.folds[k].cpm == alone.cpm and res.folds[k].n_scans == 2
+    # fold 0 by hand: 0.125, 0.25 -> 0; 1/2 read at 0.49985, before the FP's step -> 0;
+    # 1..8 -> 0.5: CPM 4 * 0.5 / 7
+    assert res.folds[0].cpm == pytest.approx(2 / 7)
+    # pooling is not averaging the folds
+    assert res.pooled.cpm != pytest.approx(np.mean([res.folds[k].cpm for k in range(10)]))
+    pd.testing.assert_frame_equal(res.submission, every)
+
+
+def test_fold_without_nodules_has_no_cpm_of_its_own(tmp_path):
+    from pipeline.evaluate import format_pooled, pool_folds
+
+    scans = {k: [f"s{k}"] for k in range(10)}
+    preds = {k: [(f"s{k}", 0.0, 0.0, 0.0, 0.9)] for k in range(10)}
+    ann = ann_df([(f"s{k}", 0.0, 0.0, 0.0, 10.0) for k in range(9)])  # none on s9
+    res = pool_folds(write_folds(tmp_path, preds, scans), ann, n_bootstrap=0)
+    assert res.folds[9] is None and res.folds[8].cpm == 1.0
+    # the pooled curve: 9 hits at 0.9 tied with the FP on s9 -> diagonal (0,0)-(0.1,1):
+    # 0.125 .. 8 FP/scan all past it -> CPM 1
+    assert res.pooled.cpm == pytest.approx(1.0) and res.pooled.n_false_positives == 1
+    table = format_pooled(res)
+    assert "fold(s) 9: no nodule" in table
+    row9 = next(line for line in table.splitlines() if line.split()[:1] == ["9"])
+    assert row9.split()[4] == "-"
+
+
+def test_cli_writes_the_table_the_files_and_the_submission(tmp_path, rng, capsys):
+    from pipeline import __main__ as cli
+    from pipeline.evaluate import SUBMISSION_COLUMNS
+
+    root, ann, exc, preds, scans = ten_folds(tmp_path, rng)
+    ann.to_csv(tmp_path / "annotations.csv", index=False)
+    exc.to_csv(tmp_path / "excluded.csv", index=False)
+    assert cli.main(["evaluate", "--folds", str(root), "--annotations", str(tmp_path / "annotations.csv"),
+                     "--excluded", str(tmp_path / "excluded.csv"), "--n-bootstrap", "20"]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert [line.split()[0] for line in lines[2:13]] == [str(k) for k in range(10)] + ["pooled"]
+    submission = pd.read_csv(root / "submission.csv", dtype={"seriesuid": str})
+    assert list(submission.columns) == list(SUBMISSION_COLUMNS)
+    assert len(submission) == sum(len(v) for v in preds.values())
+    table = pd.read_csv(root / "cpm.csv")
+    assert table["fold"].tolist() == [str(k) for k in range(10)] + ["pooled"]
+    summary = json.loads((root / "cpm.json").read_text())
+    assert summary["folds"]["0"]["cpm"] == pytest.approx(2 / 7)
+    assert summary["folds"]["0"]["seriesuids"] == ["s0a", "s0b"]
+    assert f"{summary['pooled']['cpm']:.4f}" in lines[12]
+    assert table["cpm"].iloc[-1] == pytest.approx(summary["pooled"]["cpm"])
+    assert json.loads((root / "froc.json").read_text())["n_scans"] == 20
+    assert (root / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --out moves the evaluation's files, not the submission
+    assert cli.main(["evaluate", "--folds", str(root), "--annotations", str(tmp_path / "annotations.csv"),
+                     "--n-bootstrap", "0", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "cpm.csv").is_file()
+    assert not (tmp_path / "elsewhere" / "submission.csv").exists()
+
+
+def test_data_finds_the_tables_in_a_luna16_tree(tmp_path, rng, capsys):
+    from pipeline import __main__ as cli
+
+    root, ann, exc, preds, scans = ten_folds(tmp_path, rng)
+    luna = tmp_path / "luna16"
+    (luna / "evaluationScript" / "annotations").mkdir(parents=True)
+    ann.to_csv(luna / "annotations.csv", index=False)
+    exc.to_csv(luna / "evaluationScript" / "annotations" / "annotations_excluded.csv", index=False)
+    uids = [u for k in range(10) for u in scans[k]] + ["never_tested"]
+    (luna / "evaluationScript" / "annotations" / "seriesuids.csv").write_text("\n".join(uids) + "\n")
+    assert cli.main(["evaluate", "--folds", str(root), "--data", str(luna), "--n-bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 evaluated scan(s) are in no fold's test_seriesuids (e.g. never_tested)" in printed
+    summary = json.loads((root / "cpm.json").read_text())
+    ref = froc(ann, cand_df([r for k in range(10) for r in preds[k]]), excluded=exc, seriesuids=uids,
+               n_bootstrap=0)
+    assert summary["pooled"]["n_scans"] == 21 and summary["pooled"]["cpm"] == pytest.approx(ref.cpm)
+    assert summary["pooled"]["n_ignored_on_excluded"] == 1  # the excluded file was read
+    # the same --data for one run's candidates
+    every = tmp_path / "candidates.csv"
+    cand_df([r for k in range(10) for r in preds[k]]).to_csv(every, index=False)
+    assert cli.main(["evaluate", "--candidates", str(every), "--data", str(luna), "--n-bootstrap", "0"]) == 0
+    assert f"CPM {ref.cpm:.4f}" in capsys.readouterr().out
+    # a tree without annotations_excluded.csv: one line naming the places looked at
+    (luna / "evaluationScript" / "annotations" / "annotations_excluded.csv").unlink()
+    assert cli.main(["evaluate", "--folds", str(root), "--data", str(luna)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "annotations_excluded.csv" in err[0] and "evaluationScript/annotations" in err[0]
+
+
+def test_data_with_five_subsets_expects_five_folds(tmp_path, capsys):
+    from pipeline import __main__ as cli
+
+    scans = {k: [f"s{k}"] for k in range(5)}
+    root = write_folds(tmp_path / "cv", {k: [(f"s{k}", 0.0, 0.0, 0.0, 0.9)] for k in range(5)}, scans)
+    luna = tmp_path / "luna16"
+    for k in range(5):
+        (luna / f"subset{k}").mkdir(parents=True)
+    ann_df([(f"s{k}", 0.0, 0.0, 0.0, 10.0) for k in range(5)]).to_csv(luna / "annotations.csv", index=False)
+    ann_df([]).to_csv(luna / "annotations_excluded.csv", index=False)
+    assert cli.main(["evaluate", "--folds", str(root), "--data", str(luna), "--n-bootstrap", "0"]) == 0
+    assert "pooled CPM 1.0000 over 5 scans" in capsys.readouterr().out
+    assert len(pd.read_csv(root / "cpm.csv")) == 6
+    (luna / "subset5").mkdir()
+    assert cli.main(["evaluate", "--folds", str(root), "--data", str(luna), "--n-bootstrap", "0"]) == 2
+    assert "fold(s) 5 missing (no fold_K folder); the pooled evaluation needs all folds 0..5" in \
+        capsys.readouterr().err
+
+
+def _break_missing(root):
+    import shutil
+
+    shutil.rmtree(root / "fold_3")
+    shutil.rmtree(root / "fold_7")
+    meta = json.loads((root / "fold_5" / "fold.json").read_text())
+    (root / "fold_5" / "fold.json").write_text(json.dumps({**meta, "done": False}))
+    return r"fold\(s\) 3, 7 missing .*fold\(s\) 5 not done .*needs all folds 0\.\.9"
+
+
+def _break_two_folds(root):
+    df = pd.read_csv(root / "fold_2" / "predictions.csv", dtype={"seriesuid": str})
+    meta = json.loads((root / "fold_6" / "fold.json").read_text())
+    (root / "fold_6" / "fold.json").write_text(json.dumps({**meta, "test_seriesuids": ["s6a", "s6b", "s2a"]}))
+    df.assign(seriesuid="s2a").to_csv(root / "fold_6" / "predictions.csv", index=False)
+    return r"scan s2a is a test scan of two folds: .*fold_2.fold\.json and .*fold_6.fold\.json"
+
+
+def _break_predicted_twice(root):
+    df = pd.read_csv(root / "fold_2" / "predictions.csv", dtype={"seriesuid": str})
+    df.assign(seriesuid="s1a").to_csv(root / "fold_2" / "predictions.csv", index=False)
+    return r"scan s1a is predicted in two folds: .*fold_1.predictions\.csv and .*fold_2.predictions\.csv"
+
+
+def _break_outside(root):
+    df = pd.read_csv(root / "fold_4" / "predictions.csv", dtype={"seriesuid": str})
+    df.assign(seriesuid="stranger").to_csv(root / "fold_4" / "predictions.csv", index=False)
+    return r"fold_4.predictions\.csv has marks on 1 scan\(s\) that are not fold 4's test scans"
+
+
+def _break_columns(root):
+    df = pd.read_csv(root / "fold_8" / "predictions.csv")
+    df.rename(columns={"probability": "score"}).to_csv(root / "fold_8" / "predictions.csv", index=False)
+    return r"fold_8.predictions\.csv lacks column\(s\) \['probability'\]"
+
+
+def _break_values(root):
+    (root / "fold_9" / "predictions.csv").write_text("seriesuid,coordX,coordY,coordZ,probability\ns9a,x,0,0,1\n")
+    return r"fold_9.predictions\.csv column 'coordX' has 1 non-numeric"
+
+
+def _break_json(root):
+    (root / "fold_1" / "fold.json").write_text("{not json")
+    return r"fold_1.fold\.json is not valid JSON"
+
+
+@pytest.mark.parametrize("breaker", [_break_missing, _break_two_folds, _break_predicted_twice,
+                                     _break_outside, _break_columns, _break_values, _break_json])
+def test_bad_folds_are_refused_in_one_line(tmp_path, rng, capsys, breaker):
+    from pipeline import __main__ as cli
+    from pipeline.evaluate import pool_folds
+
+    root, ann, *_ = ten_folds(tmp_path, rng)
+    match = breaker(root)
+    with pytest.raises(ValueError, match=match):
+        pool_folds(root, ann, n_bootstrap=0)
+    ann.to_csv(tmp_path / "annotations.csv", index=False)
+    assert cli.main(["evaluate", "--folds", str(root), "--annotations", str(tmp_path / "annotations.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert not (root / "submission.csv").exists()
+
+
+def test_folds_folder_must_exist_and_not_come_with_candidates(tmp_path, capsys):
+    from pipeline import __main__ as cli
+    from pipeline.evaluate import read_folds
+
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        read_folds(tmp_path / "nowhere")
+    ONE_NODULE.to_csv(tmp_path / "a.csv", index=False)
+    assert cli.main(["evaluate", "--folds", str(tmp_path), "--candidates", str(tmp_path / "a.csv"),
+                     "--annotations", str(tmp_path / "a.csv")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--folds", str(tmp_path)]) == 2
+    assert "--annotations (or --data LUNA16_ROOT)" in capsys.readouterr().err
+
+
+def test_readme_cross_validation_commands_parse():
+    import argparse
+    import re
+    import shlex
+    from pathlib import Path
+
+    from pipeline.evaluate import add_arguments
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### LUNA16 10-fold cross-validation"):readme.index("## The verdict per patient")]
+    commands = [line.split("#")[0] for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+                for line in block.splitlines() if line.startswith("lungscreen evaluate ")]
+    assert len(commands) == 2
+    parser = add_arguments(argparse.ArgumentParser())
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[2:])
+        assert args.folds and args.data and not args.candidates
