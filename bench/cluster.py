@@ -237,7 +237,17 @@ def _run_kmeans(scaled, dev, skip_sklearn, repeats=None):
                 "inertia_mean": round(float(np.mean([r[2] for r in rows])), 2),
                 "points_per_s": round(n / float(np.median(sec)), 1)}
 
-    out = {"k": KMEANS_K, "tol": KMEANS_TOL, "max_iter": KMEANS_MAX_ITER, "repeats": repeats,
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from stages import _kmeans
+
+    threads = torch.get_num_threads()
+    out = {"n_points": int(n), "k": KMEANS_K, "tol": KMEANS_TOL, "max_iter": KMEANS_MAX_ITER,
+           "repeats": repeats,
+           "ours_torch_threads": min(threads, _kmeans.CPU_THREADS) if dev.type == "cpu" else threads,
+           "sklearn_openmp_threads": sorted({i["num_threads"] for i in threadpool_info()
+                                             if i["user_api"] == "openmp"}),
            "load_avg_1min_start": round(load_start, 2)}
     out.update({f"ours_{init}": summary(runs[init]) for init in ("k-means++", "farthest")})
     if runs["sklearn"]:
@@ -308,7 +318,8 @@ def merge_kmeans(old, rec):
     runs = merged.setdefault("runs", {})
     for name, r in rec["runs"].items():
         size = {k: v for k, v in runs.get(name, {}).items() if k not in _OLD_KMEANS_KEYS}
-        size.update(n_points=r["n_points"], kmeans=r["kmeans"])
+        size.setdefault("n_points", r["n_points"])  # mean shift's cloud, if it was another
+        size["kmeans"] = r["kmeans"]
         runs[name] = size
     merged["kmeans_run"] = {k: v for k, v in rec.items() if k != "runs"}
     return merged
