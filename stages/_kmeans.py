@@ -41,17 +41,17 @@ CPU_THREADS = 1
 
 
 class _Fixed:
-    """Centred points as int64 multiples of ``2**-shift``: exact, order-free sums."""
+    """Centred points (float64 tensor) as int64 multiples of ``2**-shift``: exact,
+    order-free sums."""
 
-    def __init__(self, centred, device):
+    def __init__(self, centred):
         import torch
 
         n = centred.shape[0]
-        top = float(np.abs(centred).max())
+        top = float(centred.abs().max())
         self.shift = (0 if top == 0.0 else
                       min(1000, math.floor(FIXED_BITS - math.log2(n) - math.log2(top)) - 1))
-        self.q = torch.as_tensor(np.rint(np.ldexp(centred, self.shift)).astype(np.int64),
-                                 device=device)
+        self.q = torch.round(centred * math.ldexp(1.0, self.shift)).to(torch.int64)
         self.unit = math.ldexp(1.0, -self.shift)
 
     def means(self, sums, counts, old):
@@ -112,17 +112,19 @@ def _run(points, k, *, init, max_iter, tol, seed, device, dtype):
     import torch
 
     budget = pair_budget(device)
-    mean = points.mean(0)
-    centred = points - mean
-    thresh = tol * float(points.var(0).mean())
-    pts = torch.as_tensor(centred).to(dtype).to(device)
-    fixed = _Fixed(centred, device)
+    x = torch.as_tensor(points, dtype=torch.float64, device=device)
+    mean = x.mean(0)
+    centred = x - mean
+    thresh = tol * float((centred * centred).mean(0).mean())  # mean feature variance
+    pts = centred.to(dtype)
+    fixed = _Fixed(centred)
+    del x, centred
     first = init_centres(pts, k, init, np.random.default_rng(seed))
     centres = fixed.q[first].double() * fixed.unit
     centres, labels, n_iter = lloyd(pts, fixed, centres, max_iter, thresh, budget)
     resid = fixed.q.double() * fixed.unit - centres[labels]
     inertia = float((resid * resid).sum())
-    return (centres.cpu().numpy() + mean, labels.cpu().numpy(), int(n_iter), inertia)
+    return ((centres + mean).cpu().numpy(), labels.cpu().numpy(), int(n_iter), inertia)
 
 
 def _sq_to(rows, pts_t, sq):

@@ -47,7 +47,7 @@ def test_equals_sklearn_lloyd_from_the_same_start(init, tol):
 def test_relocates_an_empty_cluster_as_sklearn_does():
     pts = np.array([[0.0], [1.0], [2.2], [3.0], [10.0], [11.0]])
     start = np.array([[1.0], [10.5], [100.0]])  # the third centre wins no point
-    fixed = _kmeans._Fixed(pts - pts.mean(0), torch.device("cpu"))
+    fixed = _kmeans._Fixed(torch.as_tensor(pts - pts.mean(0)))
     centres, labels, n_iter = _kmeans.lloyd(torch.as_tensor(pts - pts.mean(0)), fixed,
                                             torch.as_tensor(start - pts.mean(0)), 100, 0.0,
                                             1 << 20)
@@ -77,7 +77,7 @@ def test_bounds_skip_most_distance_work(monkeypatch):
 def test_fixed_point_sums_are_exact_and_order_free():
     rng = np.random.default_rng(5)
     pts = rng.normal(0, 30, (5000, 5)) * np.array([1, 1, 1, 1e-3, 1e3])
-    fixed = _kmeans._Fixed(pts, torch.device("cpu"))
+    fixed = _kmeans._Fixed(torch.as_tensor(pts))
     labels = torch.as_tensor(rng.integers(0, 7, len(pts)))
     sums = torch.zeros((7, 5), dtype=torch.long).index_add_(0, labels, fixed.q)
     perm = torch.as_tensor(rng.permutation(len(pts)))
