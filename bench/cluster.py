@@ -1,8 +1,10 @@
 """Benchmark of candidate clustering (:mod:`stages.cluster`) on the lung tissue of the lung1 CT.
 
-``python -m bench.cluster [--device cpu|cuda] [--out bench] [--points pts.npy]``
+``python -m bench.cluster [--device cpu|cuda] [--out bench] [--points pts.npy] [--kmeans-only]``
 writes ``<out>/cluster.json``; an existing file keeps the other devices' entries (one key per
-device type), so CPU and GPU runs are both recorded.
+device type), so CPU and GPU runs are both recorded.  ``--kmeans-only`` runs the k-means
+comparison alone (a few minutes instead of the mean-shift hour on 2 CPU cores) and puts its
+entries into the device's record, keeping the mean-shift ones.
 
 The point cloud is built by the pipeline's own stages: :func:`stages.ingest.read_scan`,
 :func:`stages.resample.resample` to 1 mm, :func:`stages.lungmask.segment_lungs` and
@@ -20,7 +22,9 @@ points pooled in bins of one bandwidth, path cells of 0.05, cells of one reach: 
 seed per bin and few points per cell finer cells pad the dense blocks more than they save,
 float32 on the CPU too).  At each size the exact engine is the reference where it fits the time
 limit; scikit-learn's ``MeanShift(bin_seeding=True)`` (flat kernel) and ``KMeans`` are the
-outside references.
+outside references.  k-means (:func:`_run_kmeans`) runs ours and scikit-learn's interleaved,
+:data:`KMEANS_REPEATS` seeds each, with the same k, tolerance and iteration limit, and
+records the median seconds and the load average around them.
 """
 from __future__ import annotations
 
@@ -46,6 +50,11 @@ PRESETS = {"accurate": {},
                     "cells_per_reach": 1, "dtype": "float32"}}
 #: Clusters for the k-means comparison.
 KMEANS_K = 64
+#: k-means tolerance and most iterations, the same for ours and scikit-learn's (its defaults).
+KMEANS_TOL = 1e-4
+KMEANS_MAX_ITER = 300
+#: Runs of each k-means (seeds 0, 1, ...): the shared machine's load varies from run to run.
+KMEANS_REPEATS = 5
 #: Exact runs and scikit-learn runs longer than this (s) are extrapolated, not run.
 MAX_RUN_S = 60.0
 #: A preset whose time, extrapolated quadratically from the previous size, passes this (s)
@@ -133,10 +142,10 @@ def _exact_per_iter(pts, device, n_probe=2000):
 
 
 def _run_size(sub, dev, presets, skip_sklearn, previous=None):
-    from sklearn.cluster import KMeans, MeanShift
+    from sklearn.cluster import MeanShift
     from sklearn.metrics import adjusted_rand_score
 
-    from stages.cluster import kmeans, mean_shift
+    from stages.cluster import mean_shift
 
     n = len(sub)
     r = {"n_points": int(n)}
@@ -189,24 +198,77 @@ def _run_size(sub, dev, presets, skip_sklearn, previous=None):
         else:
             r["sklearn_meanshift"] = {"skipped": f"extrapolated {est:.0f} s > {MAX_RUN_S:.0f} s "
                                                  f"(quadratic from {len(probe)} points)"}
-    for init in ("farthest", "k-means++"):
-        km, sec = _timed(kmeans, scaled, KMEANS_K, init=init, device=dev)
-        r[f"kmeans_{init}"] = {"seconds": round(sec, 4), "n_iter": km.n_iter,
-                               "inertia": round(km.inertia, 2), "points_per_s": round(n / sec, 1)}
-    if not skip_sklearn:
-        skm, sec = _timed(KMeans(KMEANS_K, n_init=1, random_state=0).fit, scaled)
-        r["sklearn_kmeans"] = {"seconds": round(sec, 4), "n_iter": int(skm.n_iter_),
-                               "inertia": round(float(skm.inertia_), 2),
-                               "points_per_s": round(n / sec, 1)}
+    r["kmeans"] = _run_kmeans(scaled, dev, skip_sklearn)
     return r
 
 
+def _run_kmeans(scaled, dev, skip_sklearn, repeats=None):
+    """k-means of ``scaled`` (N, 5) points, ours and scikit-learn's side by side.
+
+    ``repeats`` runs each (seeds 0, 1, ...; interleaved, so that both see the same load):
+    ours with ``init="k-means++"`` (greedy, as scikit-learn's) and ``"farthest"``,
+    scikit-learn's ``KMeans(n_init=1, random_state=seed)``, all with :data:`KMEANS_K`,
+    :data:`KMEANS_TOL` and :data:`KMEANS_MAX_ITER`.  Seconds are the median over the seeds,
+    inertias their mean; ``inertia_ratio_vs_sklearn`` is ours (k-means++) over scikit-learn's,
+    averaged over the seeds.  The 1-minute load average is recorded before and after.
+    """
+    from sklearn.cluster import KMeans
+
+    from stages.cluster import kmeans
+
+    repeats = KMEANS_REPEATS if repeats is None else repeats
+    n = len(scaled)
+    runs = {"k-means++": [], "farthest": [], "sklearn": []}
+    load_start = os.getloadavg()[0]
+    for seed in range(repeats):
+        for init in ("k-means++", "farthest"):
+            km, sec = _timed(kmeans, scaled, KMEANS_K, init=init, tol=KMEANS_TOL,
+                             max_iter=KMEANS_MAX_ITER, device=dev, seed=seed)
+            runs[init].append((sec, km.n_iter, km.inertia))
+        if not skip_sklearn:
+            skm, sec = _timed(KMeans(KMEANS_K, n_init=1, random_state=seed, tol=KMEANS_TOL,
+                                     max_iter=KMEANS_MAX_ITER).fit, scaled)
+            runs["sklearn"].append((sec, int(skm.n_iter_), float(skm.inertia_)))
+
+    def summary(rows):
+        sec = [r[0] for r in rows]
+        return {"seconds": round(float(np.median(sec)), 4), "seconds_each": [round(x, 4) for x in sec],
+                "n_iter_each": [r[1] for r in rows],
+                "inertia_mean": round(float(np.mean([r[2] for r in rows])), 2),
+                "points_per_s": round(n / float(np.median(sec)), 1)}
+
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from stages import _kmeans
+
+    threads = torch.get_num_threads()
+    out = {"n_points": int(n), "k": KMEANS_K, "tol": KMEANS_TOL, "max_iter": KMEANS_MAX_ITER,
+           "repeats": repeats,
+           "ours_torch_threads": min(threads, _kmeans.CPU_THREADS) if dev.type == "cpu" else threads,
+           "sklearn_openmp_threads": sorted({i["num_threads"] for i in threadpool_info()
+                                             if i["user_api"] == "openmp"}),
+           "load_avg_1min_start": round(load_start, 2)}
+    out.update({f"ours_{init}": summary(runs[init]) for init in ("k-means++", "farthest")})
+    if runs["sklearn"]:
+        out["sklearn"] = summary(runs["sklearn"])
+        for init in ("k-means++", "farthest"):
+            out[f"ours_{init}"]["speedup_vs_sklearn"] = round(
+                out["sklearn"]["seconds"] / out[f"ours_{init}"]["seconds"], 2)
+        out["inertia_ratio_vs_sklearn"] = round(float(np.mean(
+            [a[2] / b[2] for a, b in zip(runs["k-means++"], runs["sklearn"])])), 5)
+    out["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
+    return out
+
+
 def run(points, device, *, sizes=(20_000, 100_000), presets=None, skip_sklearn=False,
-        scan=None) -> dict:
-    """Run every comparison on ``points`` (N, 5) and return the record for one device."""
+        scan=None, kmeans_only=False) -> dict:
+    """Run every comparison on ``points`` (N, 5) and return the record for one device
+    (with ``kmeans_only``, the k-means comparison alone: each size's record holds only
+    ``n_points`` and ``kmeans``)."""
     import torch
 
-    from stages.cluster import mean_shift
+    from stages.cluster import kmeans, mean_shift
     from stages.device import pick_device
 
     presets = PRESETS if presets is None else presets
@@ -220,22 +282,47 @@ def run(points, device, *, sizes=(20_000, 100_000), presets=None, skip_sklearn=F
            "load_avg_1min_start": round(os.getloadavg()[0], 2), "runs": {}}
     if scan is not None:
         rec["scan"] = scan
-    mean_shift(points[:500], BANDWIDTH, device=dev)  # warm-up (CUDA context, kernels)
-    mean_shift(points[:6000], BANDWIDTH, mode="grid", device=dev)
+    kmeans(points[:6000] / np.asarray(BANDWIDTH), KMEANS_K, device=dev)  # warm-up (CUDA context)
+    if not kmeans_only:
+        mean_shift(points[:500], BANDWIDTH, device=dev)  # warm-up (kernels)
+        mean_shift(points[:6000], BANDWIDTH, mode="grid", device=dev)
     targets = [(str(n), n) for n in sizes if n < len(points)] + [("whole_lung", len(points))]
     previous = None
     for name, n in targets:
         sub = points if n >= len(points) else points[np.sort(rng.choice(len(points), n, replace=False))]
         log.info("%s: %d points", name, n)
-        rec["runs"][name] = previous = _run_size(sub, dev, presets, skip_sklearn, previous)
+        if kmeans_only:
+            rec["runs"][name] = {"n_points": int(n),
+                                 "kmeans": _run_kmeans(sub / np.asarray(BANDWIDTH), dev, skip_sklearn)}
+        else:
+            rec["runs"][name] = previous = _run_size(sub, dev, presets, skip_sklearn, previous)
         log.info("%s", json.dumps(rec["runs"][name]))
     rec["load_avg_1min_end"] = round(os.getloadavg()[0], 2)  # > cpu_count: a shared machine
-    if scan is not None:  # the whole-lung clustering, per scan, next to the other stages
+    if scan is not None and not kmeans_only:  # the whole-lung clustering, next to the other stages
         whole = rec["runs"]["whole_lung"]
         scan["clustering"] = {k: ({"seconds": whole[k]["seconds"], "n_points": whole["n_points"],
                                    "n_iter": whole[k]["n_iter"], "n_clusters": whole[k]["n_clusters"]}
                                   if "seconds" in whole[k] else whole[k]) for k in presets}
     return rec
+
+
+#: Keys of a size's record written by k-means runs before ``kmeans`` held them all.
+_OLD_KMEANS_KEYS = ("kmeans_farthest", "kmeans_k-means++", "sklearn_kmeans")
+
+
+def merge_kmeans(old, rec):
+    """A device's record ``old`` (or None) with the ``kmeans`` entries of the k-means-only
+    record ``rec`` put in (older k-means keys dropped) and ``rec``'s settings, date and load
+    kept under ``kmeans_run``; every other entry is kept."""
+    merged = dict(old or {"device": rec["device"], "runs": {}})
+    runs = merged.setdefault("runs", {})
+    for name, r in rec["runs"].items():
+        size = {k: v for k, v in runs.get(name, {}).items() if k not in _OLD_KMEANS_KEYS}
+        size.setdefault("n_points", r["n_points"])  # mean shift's cloud, if it was another
+        size["kmeans"] = r["kmeans"]
+        runs[name] = size
+    merged["kmeans_run"] = {k: v for k, v in rec.items() if k != "runs"}
+    return merged
 
 
 def main(argv=None) -> int:
@@ -249,11 +336,18 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="20000,100000", help="subsample sizes, comma-separated")
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated: " + ",".join(PRESETS))
     p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--kmeans-only", action="store_true",
+                   help="run only the k-means comparison; the file keeps the mean-shift entries")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     unknown = set(args.presets.split(",")) - set(PRESETS)
     if unknown:
         p.error(f"unknown presets {sorted(unknown)}; choose from {', '.join(PRESETS)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     scan = None
     if args.points:
         points = np.load(args.points)
@@ -265,10 +359,11 @@ def main(argv=None) -> int:
     sizes = tuple(int(s) for s in args.sizes.split(",") if s)
     presets = {k: PRESETS[k] for k in args.presets.split(",")}
     rec = run(points, args.device, sizes=sizes, presets=presets, skip_sklearn=args.skip_sklearn,
-              scan=scan)
+              scan=scan, kmeans_only=args.kmeans_only)
     out = Path(args.out) / "cluster.json"
     data = json.loads(out.read_text()) if out.exists() else {}
-    data[rec["device"].split(":")[0]] = rec
+    key = rec["device"].split(":")[0]
+    data[key] = merge_kmeans(data.get(key), rec) if args.kmeans_only else rec
     write_json(data, out)
     print(out)
     return 0

@@ -362,9 +362,9 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
 # --------------------------------------------------------------------------- k-means
 
 
-def kmeans(points, k, *, init="farthest", max_iter=100, tol=1e-4, device=None, dtype=None,
-           seed=0) -> KMeansResult:
-    """Lloyd's k-means with batched distances, on the GPU when present.
+def kmeans(points, k, *, init="farthest", max_iter=100, tol=1e-4, device=None,
+           dtype="float32", seed=0) -> KMeansResult:
+    """Lloyd's k-means with scikit-learn's stopping rules, on the GPU when present.
 
     Parameters
     ----------
@@ -374,19 +374,23 @@ def kmeans(points, k, *, init="farthest", max_iter=100, tol=1e-4, device=None, d
         Number of clusters, ``1 <= k <= N``.
     init : {"farthest", "k-means++"}
         ``"farthest"``: a random first centre, then each next centre the point farthest
-        from those chosen; ``"k-means++"``: each next centre drawn with probability
-        proportional to the squared distance to the nearest chosen one.
+        from those chosen; ``"k-means++"``: scikit-learn's greedy k-means++, each next
+        centre the best (least summed squared distance) of ``2 + int(log(k))`` points drawn
+        with probability proportional to the squared distance to the nearest chosen one.
     max_iter : int
         Most Lloyd iterations.
     tol : float
-        Stop when the summed squared centre shift is below ``tol`` times the mean feature
-        variance (scikit-learn's rule).
+        Stop when the summed squared centre shift is at most ``tol`` times the mean feature
+        variance, or at once when no label changed (scikit-learn's rules); labels are then
+        those of the final centres.
     device : str or torch.device, optional
         ``None``/``"auto"``: CUDA when available, else CPU.
-    dtype : {"float32", "float64"}, optional
-        Working precision; default float64 on CPU, float32 on CUDA.
+    dtype : {"float32", "float64"}
+        Precision of the point-to-centre distances, on either device.  Centres are always
+        float64 means of the points (exact sums), the inertia a float64 sum.
     seed : int
-        Seed of the initialisation; the same seed gives the same result.
+        Seed of the initialisation; the same seed gives the same labels on the same
+        device.
 
     Returns
     -------
@@ -402,8 +406,15 @@ def kmeans(points, k, *, init="farthest", max_iter=100, tol=1e-4, device=None, d
 
     Notes
     -----
-    A cluster left empty by an iteration is given the point farthest from its own centre
-    (the next farthest for the next empty cluster), so the result stays deterministic.
+    The labels, centres and iteration count are those of scikit-learn's ``KMeans``
+    (``algorithm="lloyd"``) from the same first centres, up to the rounding of ``dtype``;
+    :mod:`stages._kmeans` reaches them with less work: Hamerly's distance bounds skip the
+    points that cannot change cluster, and the cluster sums, kept exact in 64-bit fixed
+    point, are updated with the points that moved only.  A cluster left empty by an
+    iteration is given the point farthest from its own centre (the next farthest for the
+    next empty cluster), as scikit-learn does.  On the CPU the call runs on one torch
+    thread (:data:`stages._kmeans.CPU_THREADS`; the setting is restored after): its
+    operations are too small for torch's thread pool to pay.
 
     Examples
     --------
