@@ -199,6 +199,17 @@ def test_ten_folds_end_to_end_resumed_and_never_reading_the_test_subset(tree, tm
         assert predict_reads and all(f"{os.sep}subset{k}{os.sep}" in p for p in predict_reads)
     assert sorted(seen) == sorted(scans["seriesuid"])
 
+    # the protocol's last step: the ten folds pooled into one LUNA16 FROC and the submission
+    assert lungscreen(["evaluate", "--folds", str(out), "--data", str(tree), "--n-bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[2:13]] == [str(k) for k in range(10)] + ["pooled"]
+    summary = json.loads((out / "cpm.json").read_text())
+    assert summary["pooled"]["n_scans"] == len(scans) and 0.0 <= summary["pooled"]["cpm"] <= 1.0
+    submission = pd.read_csv(out / "submission.csv", dtype={"seriesuid": str})
+    assert submission.columns.tolist() == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+    assert len(submission) == sum(len(pd.read_csv(out / f"fold_{k}" / "predictions.csv"))
+                                  for k in range(10))
+
     # the check catches a wrong split: a fold whose training takes in subset 3 is flagged
     wrong = Opens()
     wrong.install(monkeypatch)
