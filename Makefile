@@ -17,7 +17,7 @@ BENCH    ?= $(BENCH_DATA)
 LUNA16_TREE ?= data/luna16-tree
 FOLDS_OUT ?= out/folds
 
-.PHONY: run test bench eval train train-folds train-lesions benchmark-data luna16-tree venv clean
+.PHONY: run test bench eval eval-folds train train-folds train-lesions benchmark-data luna16-tree venv clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ train: $(STAMP)
 # fold_0..fold_9 (weights, predictions.csv of the held-out subset, fold.json); rerun to resume
 train-folds: $(STAMP)
 	$(BIN)/python -m pipeline train --data "$(DATA)" --folds all --out "$(FOLDS_OUT)" $(ARGS)
+
+# pool train-folds' ten held-out subsets into one LUNA16 FROC/CPM (each fold's beside it) and
+# write FOLDS_OUT/submission.csv
+eval-folds: $(STAMP)
+	$(BIN)/python -m pipeline evaluate --folds "$(FOLDS_OUT)" --data "$(DATA)" $(ARGS)
 
 # the lung mask's lesion net: leave each real patient out in turn (scored), then train on all
 train-lesions: $(STAMP)
