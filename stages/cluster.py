@@ -76,7 +76,7 @@ class MeanShiftResult:
     cluster_sizes : (K,) int64 ndarray
         Points per cluster, non-increasing.
     n_iter : int
-        Iterations run (the slowest seed's).
+        Iterations run (the slowest seed's; coarse-to-fine: both stages' added).
     n_seeds : int
         Seeds started (all points, the bin seeds or the seeds given).
     mode : str
@@ -252,7 +252,7 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
         ``"gaussian"``: weights ``exp(-d^2 / (2 h^2))``; ``"flat"``: weight 1 within one
         bandwidth, as :class:`sklearn.cluster.MeanShift`.
     max_iter : int
-        Most iterations per seed.
+        Most iterations per seed (coarse-to-fine: in each stage).
     tol : float
         A seed has converged when it moves less than ``tol`` bandwidths in an iteration.
     seeds : (M, D) array_like of float, optional
