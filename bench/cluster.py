@@ -14,16 +14,16 @@ same scan.  ``--save-points`` writes the cloud as ``.npy`` so a machine without 
 run the benchmark on it.
 
 Mean shift runs with three settings (:data:`PRESETS`): ``accurate``, the defaults of
-:func:`stages.cluster.mean_shift` (every point a seed, coarse-to-fine: a climb with the Gaussian
-cut at 4 bandwidths, then the distinct end points on with the cut at 6, path merging in cells of
-0.02 bandwidths), ``one_climb``, the previous defaults (every seed climbs with the cut at 6: the
-baseline, and the reference where the exact engine does not fit the time limit), and ``fast`` (Gaussian cut at 3 bandwidths, bin seeding,
+:func:`stages.cluster.mean_shift` (every point a seed, Gaussian cut at 6 bandwidths, path
+merging in cells of 0.02 bandwidths; the reference where the exact engine does not fit the time
+limit), ``coarse_to_fine`` (``coarse_cutoff=4``: every seed climbs with the cut at 4, the
+distinct end points climb on with the cut at 6), and ``fast`` (Gaussian cut at 3 bandwidths, bin seeding,
 points pooled in bins of one bandwidth, path cells of 0.05, cells of one reach: with about one
 seed per bin and few points per cell finer cells pad the dense blocks more than they save,
 float32 on the CPU too).  At each size the exact engine is the reference where it fits the time
 limit (``ari_vs_exact``); where it does not (100k points and up on 2 CPU cores: about 62 s an
-iteration), ``one_climb`` is the documented reference (``ari_vs_one_climb``), itself checked
-against the exact engine at 20k points (its ``ari_vs_exact``: 0.9987 on CPU); scikit-learn's ``MeanShift(bin_seeding=True)`` (flat kernel) and ``KMeans`` are the
+iteration), ``accurate`` is the documented reference (``ari_vs_accurate``), itself checked
+against the exact engine at 20k points (its ``ari_vs_exact``: 0.998 on CPU); scikit-learn's ``MeanShift(bin_seeding=True)`` (flat kernel) and ``KMeans`` are the
 outside references.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.cluster import COARSE_CUTOFF
 from stages.features import SCALE_HU, SCALE_MM, SCALE_SI
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 TISSUE_HU = -600.0
 #: Mean-shift settings compared at every size (keyword arguments of ``mean_shift``).
 PRESETS = {"accurate": {},
-           "one_climb": {"coarse_cutoff": None},
+           "coarse_to_fine": {"coarse_cutoff": COARSE_CUTOFF},
            "fast": {"cutoff": 3.0, "bin_seeding": True, "bin_size": 1.0, "path_cell": 0.05,
                     "cells_per_reach": 1, "dtype": "float32"}}
 #: Clusters for the k-means comparison.
@@ -54,8 +55,8 @@ KMEANS_K = 64
 #: Exact runs and scikit-learn runs longer than this (s) are extrapolated, not run.
 MAX_RUN_S = 60.0
 #: A preset whose time, extrapolated quadratically from the previous size, passes this (s)
-#: is not run at the next size (the one-climb preset on a whole lung on 2 CPU cores: about
-#: 740 s; the coarse-to-fine default about half of that, so it runs).
+#: is not run at the next size (the accurate preset on a whole lung on 2 CPU cores: about
+#: 740 s; coarse-to-fine about half of that, so it runs).
 MAX_PRESET_S = 600.0
 
 
@@ -172,12 +173,12 @@ def _run_size(sub, dev, presets, skip_sklearn, previous=None):
     else:
         r["exact"] = {"skipped": f"estimated {per_iter:.2f} s per iteration x up to 50 "
                                  f"iterations > {MAX_RUN_S:.0f} s"}
-    if "exact" in r and "seconds" not in r["exact"] and "one_climb" in ran:
-        ref = r["one_climb"]["_labels"]  # the reference where exact does not fit
+    if "exact" in r and "seconds" not in r["exact"] and "accurate" in ran:
+        ref = r["accurate"]["_labels"]  # the reference where exact does not fit
         for name in ran:
-            if name != "one_climb":
-                r[name]["ari_vs_one_climb"] = round(float(adjusted_rand_score(ref, r[name]["_labels"])), 5)
-                r[name]["speedup_vs_one_climb"] = round(r["one_climb"]["seconds"] / r[name]["seconds"], 1)
+            if name != "accurate":
+                r[name]["ari_vs_accurate"] = round(float(adjusted_rand_score(ref, r[name]["_labels"])), 5)
+                r[name]["speedup_vs_accurate"] = round(r["accurate"]["seconds"] / r[name]["seconds"], 1)
     for name in ran:
         del r[name]["_labels"]
     # scikit-learn's MeanShift is a flat kernel: compare with ours, flat, same bins

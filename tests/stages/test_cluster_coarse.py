@@ -1,4 +1,4 @@
-"""The coarse-to-fine grid mean shift (``coarse_cutoff``, the default): the seeds climb with
+"""The coarse-to-fine grid mean shift (``coarse_cutoff``, opt-in): the seeds climb with
 the Gaussian cut short, and only their distinct end points climb on with the full cutoff.
 Checked against the exact engine, which stays the reference."""
 import numpy as np
@@ -30,7 +30,7 @@ def tissue_like(rng, n_tubes=5, n_per=200, n_blobs=3):
 def test_default_grid_agrees_with_exact_engine(rng):
     pts = tissue_like(rng)
     exact = mean_shift(pts, 1.0, mode="exact", device="cpu")
-    grid = mean_shift(pts, 1.0, mode="grid", device="cpu")          # coarse-to-fine
+    grid = mean_shift(pts, 1.0, mode="grid", coarse_cutoff=COARSE_CUTOFF, device="cpu")
     assert adjusted_rand_score(exact.labels, grid.labels) >= 0.99
     assert abs(len(grid.centres) - len(exact.centres)) <= max(1, len(exact.centres) // 50)
     near = np.linalg.norm(exact.centres[:, None] - grid.centres[None], axis=2).min(1)
@@ -57,14 +57,14 @@ def test_coarse_stage_hands_on_few_candidates_that_reach_every_mode(rng):
 
 def test_coarse_to_fine_is_deterministic(rng):
     pts = tissue_like(rng, n_tubes=3)
-    a = mean_shift(pts, 1.0, mode="grid", device="cpu")
-    b = mean_shift(pts, 1.0, mode="grid", device="cpu")
+    a = mean_shift(pts, 1.0, mode="grid", coarse_cutoff=COARSE_CUTOFF, device="cpu")
+    b = mean_shift(pts, 1.0, mode="grid", coarse_cutoff=COARSE_CUTOFF, device="cpu")
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.centres, b.centres)
 
 
 @pytest.mark.parametrize("settings", [dict(coarse_cutoff=6.0), dict(coarse_cutoff=3.0, cutoff=2.0),
-                                      dict(kernel="flat")])
+                                      dict(kernel="flat", coarse_cutoff=COARSE_CUTOFF)])
 def test_no_coarse_stage_where_it_cannot_save(rng, settings):
     """Not below the cutoff, or the flat kernel: one climb, as with ``coarse_cutoff=None``."""
     pts = tissue_like(rng, n_tubes=2, n_per=150)
