@@ -11,9 +11,10 @@ Everything is in bandwidth units (the points already divided by the bandwidth).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
-from stages._cluster_dense import kernel_weights, row_major_strides
+from stages._cluster_dense import row_major_strides
 
 __all__ = ["Grid", "choose_grid_dims", "shift_grid", "radius_pairs", "TILE_SHAPES"]
 
@@ -254,20 +255,38 @@ def _block_members(t, a, b):
 
 
 def _block_sums(grid, pos, seeds, points, c_ok, kernel, reach2):
-    """Kernel-weighted sums of each block's candidates for its seeds: (B, TS, D), (B, TS)."""
+    """Kernel-weighted sums of each block's candidates for its seeds: (B, TS, D), (B, TS).
+
+    Two batched matrix products per block instead of a chain of elementwise passes: the
+    exponent ``-d^2 / 2`` of every (seed, candidate) pair is one product of the seeds
+    ``[s, -|s|^2 / 2, 1]`` with the candidates ``[c, 1, -|c|^2 / 2]`` (padding candidates
+    get ``-inf``: weight 0), and the numerator and denominator are one product of the
+    weights with ``[c, 1]``.  Coordinates are taken relative to the block's first seed, so
+    float32 keeps the exponent to about 1e-5.
+    """
     import torch
 
+    n_d = pos.shape[1]
     sp = pos[seeds.clamp(max=pos.shape[0] - 1)]                   # (B, TS, D)
     cp = grid.pts[points]                                         # (B, TC, D)
     ref = sp[:, :1, :]                                            # work near the block
     sp = sp - ref
     cp = cp - ref
-    d2 = ((sp * sp).sum(2)[:, :, None] + (cp * cp).sum(2)[:, None, :]
-          - 2.0 * torch.bmm(sp, cp.transpose(1, 2))).clamp_(min=0)
-    w = kernel_weights(d2, kernel, reach2) * c_ok[:, None, :].to(pos.dtype)
+    c_half = (-0.5 * (cp * cp).sum(2, keepdim=True)).masked_fill_(~c_ok[:, :, None], -math.inf)
+    cand = torch.cat([cp, torch.ones_like(c_half), c_half], 2)   # (B, TC, D + 2)
+    seed = torch.cat([sp, -0.5 * (sp * sp).sum(2, keepdim=True), torch.ones_like(sp[:, :, :1])], 2)
+    expo = torch.bmm(seed, cand.transpose(1, 2))                  # -d^2 / 2, <= 0 up to rounding
+    if kernel == "flat":
+        w = (expo >= -0.5).to(pos.dtype)
+    else:
+        if reach2 is not None:
+            expo.masked_fill_(expo < -0.5 * reach2, -math.inf)
+        w = torch.exp_(expo)
     if grid.mass is not None:                                     # weighted (binned) points
         w = w * grid.mass[points][:, None, :]
-    return torch.bmm(w, cp) + ref * w.sum(2, keepdim=True), w.sum(2)
+    sums = torch.bmm(w, cand[:, :, :n_d + 1])                    # [sum w c, sum w]
+    den = sums[:, :, n_d]
+    return sums[:, :, :n_d] + ref * den[:, :, None], den
 
 
 def shift_grid(grid, pos, *, kernel, reach2, budget):
