@@ -259,7 +259,7 @@ def _run_kmeans(scaled, dev, skip_sklearn, repeats=None):
     threads = torch.get_num_threads()
     out = {"n_points": int(n), "k": KMEANS_K, "tol": KMEANS_TOL, "max_iter": KMEANS_MAX_ITER,
            "repeats": repeats,
-           "ours_torch_threads": min(threads, _kmeans.CPU_THREADS) if dev.type == "cpu" else threads,
+           "ours_torch_threads": (min(threads, _kmeans.CPU_THREADS) if dev.type == "cpu" and _kmeans.CPU_THREADS else threads),
            "sklearn_openmp_threads": sorted({i["num_threads"] for i in threadpool_info()
                                              if i["user_api"] == "openmp"}),
            "load_avg_1min_start": round(load_start, 2)}

@@ -17,7 +17,7 @@ code runs on CPU and CUDA:
   (``|c|^2 - 2 x.c``, on centred points); the distance to the chosen centre again from the
   difference, so that the upper bound is exact to rounding.
 
-On the CPU it runs on :data:`CPU_THREADS` torch threads.
+On the CPU it runs on torch's threads, at most :data:`CPU_THREADS` when that is set.
 """
 from __future__ import annotations
 
@@ -33,11 +33,12 @@ __all__ = ["run", "init_centres", "lloyd"]
 #: Bits of the 64-bit fixed-point sums left free: the sum of all points' magnitudes stays
 #: below ``2**FIXED_BITS``, so no partial sum can overflow an int64.
 FIXED_BITS = 62
-#: torch CPU threads of a k-means run.  After the first iterations its operations are small
-#: (a gather, a comparison over the points), and torch's thread pool meets at a barrier after
-#: each: on the shared 2-core machine (load 4) the whole-lung run took 16.2 s on 2 threads
-#: and 3.3 s on 1 (scikit-learn, 2 threads: 6.9 s and 5.1 s), with the same labels.
-CPU_THREADS = 1
+#: torch CPU threads of a k-means run at most (None: torch's own setting, all cores by default,
+#: as scikit-learn's OpenMP uses).  On the 2-core machine with nothing else running, the
+#: whole-lung run (309,086 points, k=64, median of 5 seeds) took 1.09 s on 2 threads and
+#: 1.75 s on 1 (scikit-learn, 2 threads: 1.91 s); at load 4 (other jobs on the cores) 1
+#: thread was faster (3.3 s against 16.2 s), so a batch that shares its cores may set 1 here.
+CPU_THREADS = None
 
 
 class _Fixed:
@@ -94,11 +95,12 @@ def run(points, k, *, init, max_iter, tol, seed, device, dtype):
 
 @contextmanager
 def _cpu_threads(device, n):
-    """torch's CPU threads at most ``n`` inside the block (set back after; nothing on CUDA)."""
+    """torch's CPU threads at most ``n`` inside the block (set back after; nothing on CUDA or
+    when ``n`` is None)."""
     import torch
 
     before = torch.get_num_threads()
-    if device.type != "cpu" or before <= n:
+    if device.type != "cpu" or n is None or before <= n:
         yield
         return
     torch.set_num_threads(n)

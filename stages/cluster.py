@@ -436,9 +436,9 @@ def kmeans(points, k, *, init="farthest", max_iter=100, tol=1e-4, device=None,
     points that cannot change cluster, and the cluster sums, kept exact in 64-bit fixed
     point, are updated with the points that moved only.  A cluster left empty by an
     iteration is given the point farthest from its own centre (the next farthest for the
-    next empty cluster), as scikit-learn does.  On the CPU the call runs on one torch
-    thread (:data:`stages._kmeans.CPU_THREADS`; the setting is restored after): its
-    operations are too small for torch's thread pool to pay.
+    next empty cluster), as scikit-learn does.  On the CPU the call runs on torch's threads;
+    :data:`stages._kmeans.CPU_THREADS` caps them for the call (restored after) where the
+    cores are shared with other work.
 
     Examples
     --------

@@ -117,10 +117,21 @@ def test_kmeanspp_start_is_as_good_as_sklearns():
     assert ours < 1.1 * theirs
 
 
-def test_cpu_threads_restored():
+def test_cpu_threads_capped_then_restored(monkeypatch):
+    from stages import _kmeans
+
     before = torch.get_num_threads()
-    kmeans(cloud(np.random.default_rng(10), n=400), 4, device="cpu")
-    assert torch.get_num_threads() == before
+    seen = []
+    monkeypatch.setattr(_kmeans, "CPU_THREADS", 1)
+    real_run = _kmeans._run
+    monkeypatch.setattr(_kmeans, "_run", lambda *a, **kw: seen.append(torch.get_num_threads())
+                        or real_run(*a, **kw))
+    capped = kmeans(cloud(np.random.default_rng(10), n=400), 4, device="cpu")
+    assert seen == [1] and torch.get_num_threads() == before
+    monkeypatch.setattr(_kmeans, "CPU_THREADS", None)  # the default: torch's own setting
+    free = kmeans(cloud(np.random.default_rng(10), n=400), 4, device="cpu")
+    assert seen == [1, before] and torch.get_num_threads() == before
+    np.testing.assert_array_equal(capped.labels, free.labels)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
