@@ -5,21 +5,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from stages.cluster import PATH_CELL, mean_shift
-
-
-def tubes_and_blobs(rng, n_tubes=4, n_per=200, n_blobs=3):
-    parts = []
-    for _ in range(n_tubes):
-        a, b = rng.uniform(0, 25, 3), rng.uniform(0, 25, 3)
-        t = rng.uniform(0, 1, (n_per, 1))
-        xyz = a + t * (b - a) + rng.normal(0, 0.3, (n_per, 3))
-        parts.append(np.column_stack([xyz, rng.normal(1.5, 0.3, n_per), rng.normal(3.0, 0.2, n_per)]))
-    for _ in range(n_blobs):
-        c = rng.uniform(0, 25, 3)
-        xyz = c + rng.normal(0, 0.6, (n_per // 2, 3))
-        parts.append(np.column_stack([xyz, rng.normal(3.0, 0.3, n_per // 2),
-                                      rng.normal(4.0, 0.2, n_per // 2)]))
-    return np.concatenate(parts)
+from synth.clouds import tubes_and_blobs
 
 
 def assert_same_clusters(a, b, ari=0.99, atol=0.1):

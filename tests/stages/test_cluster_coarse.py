@@ -8,23 +8,13 @@ from sklearn.metrics import adjusted_rand_score
 
 from stages import _meanshift
 from stages.cluster import COARSE_CUTOFF, mean_shift
+from synth.clouds import tubes_and_blobs
 
 
-def tissue_like(rng, n_tubes=5, n_per=200, n_blobs=3):
-    """5-D cloud like lung tissue (already in bandwidths): tubes (vessels) and blobs
-    (nodules) in z, y, x, with an intensity and a shape-index feature; many weak modes."""
-    parts = []
-    for _ in range(n_tubes):
-        a, b = rng.uniform(0, 25, 3), rng.uniform(0, 25, 3)
-        t = rng.uniform(0, 1, (n_per, 1))
-        xyz = a + t * (b - a) + rng.normal(0, 0.3, (n_per, 3))
-        parts.append(np.column_stack([xyz, rng.normal(1.5, 0.5, n_per), rng.normal(3.0, 0.4, n_per)]))
-    for _ in range(n_blobs):
-        c = rng.uniform(0, 25, 3)
-        xyz = c + rng.normal(0, 0.6, (n_per // 2, 3))
-        parts.append(np.column_stack([xyz, rng.normal(3.0, 0.3, n_per // 2),
-                                      rng.normal(4.0, 0.2, n_per // 2)]))
-    return np.concatenate(parts)
+def tissue_like(rng, n_tubes=5, n_per=200):
+    """Tubes with a wider intensity and shape-index spread than the default: many weak
+    modes along the vessels."""
+    return tubes_and_blobs(rng, n_tubes, n_per, tube_hu_sd=0.5, tube_si_sd=0.4)
 
 
 def test_default_grid_agrees_with_exact_engine(rng):
