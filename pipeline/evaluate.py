@@ -517,6 +517,10 @@ def format_result(result: FrocResult) -> str:
 N_FOLDS = 10
 #: Columns of LUNA16's submission file, and of each fold's ``predictions.csv``.
 SUBMISSION_COLUMNS = CANDIDATE_COLUMNS
+#: A cross-validation run's files, as ``lungscreen train --fold K`` writes them:
+#: ``OUT/fold_K/fold.json`` (written last, ``"done": true``) and ``OUT/fold_K/predictions.csv``.
+FOLD_JSON = "fold.json"
+PREDICTIONS_CSV = "predictions.csv"
 
 
 @dataclass(frozen=True, eq=False)
@@ -625,7 +629,7 @@ def read_folds(folds_dir, *, folds: Iterable[int] | None = None) -> tuple[pd.Dat
         if not folder.is_dir():
             missing.append(k)
             continue
-        meta_path = folder / "fold.json"
+        meta_path = folder / FOLD_JSON
         if not meta_path.is_file():
             not_done.append(k)
             continue
@@ -641,8 +645,8 @@ def read_folds(folds_dir, *, folds: Iterable[int] | None = None) -> tuple[pd.Dat
         uids = meta.get("test_seriesuids")
         if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
             raise ValueError(f"{meta_path} has no test_seriesuids list (the seriesuids fold {k} tests on)")
-        if not (folder / "predictions.csv").is_file():
-            raise ValueError(f"{folder / 'predictions.csv'} is missing though {meta_path} says done; "
+        if not (folder / PREDICTIONS_CSV).is_file():
+            raise ValueError(f"{folder / PREDICTIONS_CSV} is missing though {meta_path} says done; "
                               f"rerun fold {k}")
         infos[k] = uids
     if missing or not_done:
@@ -659,13 +663,13 @@ def read_folds(folds_dir, *, folds: Iterable[int] | None = None) -> tuple[pd.Dat
     for k, uids in infos.items():
         for uid in uids:
             if uid in owner and owner[uid] != k:
-                raise ValueError(f"scan {uid} is a test scan of two folds: {root / f'fold_{owner[uid]}' / 'fold.json'} "
-                                  f"and {root / f'fold_{k}' / 'fold.json'}")
+                raise ValueError(f"scan {uid} is a test scan of two folds: {root / f'fold_{owner[uid]}' / FOLD_JSON} "
+                                  f"and {root / f'fold_{k}' / FOLD_JSON}")
             owner[uid] = k
 
     frames, predicted_in = [], {}
     for k in ks:
-        path = root / f"fold_{k}" / "predictions.csv"
+        path = root / f"fold_{k}" / PREDICTIONS_CSV
         try:
             df = pd.read_csv(path, dtype={"seriesuid": str})
         except pd.errors.EmptyDataError:
@@ -678,7 +682,7 @@ def read_folds(folds_dir, *, folds: Iterable[int] | None = None) -> tuple[pd.Dat
         df = _check_table(df[list(SUBMISSION_COLUMNS)], SUBMISSION_COLUMNS, str(path))
         for uid in dict.fromkeys(df["seriesuid"]):
             if uid in predicted_in:
-                first = root / f"fold_{predicted_in[uid]}" / "predictions.csv"
+                first = root / f"fold_{predicted_in[uid]}" / PREDICTIONS_CSV
                 raise ValueError(f"scan {uid} is predicted in two folds: {first} and {path}")
             predicted_in[uid] = k
         outside = [u for u in dict.fromkeys(df["seriesuid"]) if owner.get(u) != k]
@@ -828,8 +832,8 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     pos, neg = p[y == 1], p[y == 0]
     if not len(pos) or not len(neg):
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
+    fps, tps, _ = _roc_counts(y.astype(float), p.astype(float))  # the area under its ROC points
+    return float(np.trapezoid(tps / tps[-1], fps / fps[-1]))
 
 
 def _log_loss(y: np.ndarray, p: np.ndarray) -> float:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["find_luna_scans", "read_annotations", "read_excluded", "read_candidates",
+           "find_candidates_file", "CANDIDATE_FILES",
            "read_seriesuids", "read_luna_scan"]
 
 _ANN_COLS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
@@ -95,14 +96,23 @@ def read_excluded(root_or_csv) -> pd.DataFrame:
     return _read_table(_locate(root_or_csv, names, "annotations_excluded.csv"), _ANN_COLS)
 
 
+#: Where a LUNA16 root keeps its candidate list, in the order looked at.
+CANDIDATE_FILES = ("candidates_V2.csv", "candidates_V2/candidates_V2.csv", "candidates.csv")
+
+
+def find_candidates_file(root_or_csv) -> Path:
+    """The candidate list's path (:data:`CANDIDATE_FILES` under a root, or the CSV given);
+    FileNotFoundError naming the places looked at."""
+    return _locate(root_or_csv, CANDIDATE_FILES, "candidates_V2.csv")
+
+
 def read_candidates(root_or_csv) -> pd.DataFrame:
     """Candidate list: ``candidates_V2.csv`` (root, or ``root/candidates_V2/``), else ``candidates.csv``.
 
     Columns ``seriesuid`` (str), ``coordX, coordY, coordZ`` (float, mm), ``class``
     (int: 1 nodule, 0 not).
     """
-    names = ("candidates_V2.csv", "candidates_V2/candidates_V2.csv", "candidates.csv")
-    df = _read_table(_locate(root_or_csv, names, "candidates_V2.csv"), _CAND_COLS)
+    df = _read_table(find_candidates_file(root_or_csv), _CAND_COLS)
     df["class"] = df["class"].astype(int)
     return df
 

@@ -96,7 +96,8 @@ def screen_patients(split_dir, cache_dir, *, device="cpu", top: int | None = Non
     from nets.rnn import MAX_CANDIDATES
     from pipeline.config import load_config
     from pipeline.io import atomic_path
-    from pipeline.run import StageRunner
+    from pipeline.run import StageRunner, screen
+    from stages.classify import _load_weights
     from stages.patches import extract_patches
 
     top = MAX_CANDIDATES if top is None else int(top)
@@ -104,6 +105,8 @@ def screen_patients(split_dir, cache_dir, *, device="cpu", top: int | None = Non
     cache_dir.mkdir(parents=True, exist_ok=True)
     config = load_config(overrides={"classify": {"tta": int(tta)}} if tta is not None else None)
     tta_used = int(config.get("classify", {}).get("tta", 8))
+    # the cubes the patient model reads are cut as the screen's embed stage cuts them
+    classifier_pre = _load_weights((config.get("embed") or {}).get("weights"), "cpu").preprocessing
     scans = _split_scans(split_dir)
     files = [cache_dir / f"{uid}.npz" for uid, _ in scans]
     start = (len(scans) - 1 if reverse else 0) if start is None else int(start)
@@ -114,20 +117,18 @@ def screen_patients(split_dir, cache_dir, *, device="cpu", top: int | None = Non
         if target.is_file():
             continue
         t0 = time.perf_counter()
-        runner, values, took = StageRunner(config, device=device), {"path": str(mhd)}, {}
-        for name in config["stages"]:  # pipeline.run.screen, one stage at a time (timed)
-            t1 = time.perf_counter()
-            values.update(runner.run(name, values))
-            took[name] = round(time.perf_counter() - t1, 1)
+        runner = StageRunner(config, device=device)  # times each stage (runner.seconds)
+        values = screen(mhd, config, stages=runner)
         cands = values["candidates"].reset_index(drop=True)
         best = cands.head(top)
-        cubes = extract_patches(values["ct_1mm"], centres_xyz_mm=best[["coordX", "coordY", "coordZ"]].to_numpy(float))
+        cubes = extract_patches(values["ct_1mm"], centres_xyz_mm=best[["coordX", "coordY", "coordZ"]].to_numpy(float),
+                                size_mm=classifier_pre["size_mm"], spacing_mm=classifier_pre["spacing_mm"])
         cubes = np.clip(np.rint(cubes), -32768, 32767).astype(np.int16)
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, candidates=_records(cands), cubes=cubes, tta=np.int64(tta_used))
         log.warning("%s %s: %d candidates, %.1f s %s", split_dir.name, uid, len(cands),
-                    time.perf_counter() - t0, took)
+                    time.perf_counter() - t0, runner.seconds)
     return files
 
 
@@ -156,15 +157,10 @@ def load_screened(path) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def _embeddings(cubes: np.ndarray, classifier) -> np.ndarray:
-    import torch
+    """The embeddings of cached cubes, by the screen's own forward pass."""
+    from stages.classify import embed_cubes
 
-    from nets.cnn3d import normalize_hu
-
-    if len(cubes) == 0:
-        return np.zeros((0, classifier.embed_dim), np.float32)
-    x = torch.from_numpy(normalize_hu(cubes, tuple(classifier.preprocessing["clip_hu"])))[:, None]
-    with torch.inference_mode():
-        return classifier.embed(x.contiguous(memory_format=torch.channels_last_3d)).float().numpy()
+    return embed_cubes(classifier, cubes)
 
 
 def load_split(cache_dir, truth_csv, *, classifier=None, skip_missing: bool = False) -> dict:

@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io import atomic_path, write_csv, write_json
+from pipeline.evaluate import FOLD_JSON, PREDICTIONS_CSV, SUBMISSION_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -340,14 +341,15 @@ def _prepare_cache(data: Path, out: Path, *, seed, max_neg_per_scan, size_mm, sp
 
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}; got {negatives!r}")
-    try:
-        if negatives == "detector":
-            raise FileNotFoundError("the detector's candidates were asked for")
-        cands = _read_table(data, read_candidates, "candidates_V2.csv", scans)
-        cand_source = "candidates_V2.csv"
-    except FileNotFoundError:
-        if negatives == "candidates":
-            raise
+    cands = None
+    if negatives != "detector":
+        try:
+            cands = _read_table(data, read_candidates, "candidates_V2.csv", scans)
+            cand_source = "candidates_V2.csv"
+        except FileNotFoundError:
+            if negatives == "candidates":
+                raise
+    if cands is None:
         cands = _detected_candidates(scans, annotations, rng, max_neg_per_scan, device=str(dev),
                                      max_candidates=detect_max_candidates, n_lung=lung_neg_per_scan)
         cand_source = "detected" + (" (no candidates_V2.csv)" if negatives == "auto" else "")
@@ -373,12 +375,10 @@ def _prepare_cache(data: Path, out: Path, *, seed, max_neg_per_scan, size_mm, sp
 
 
 # ---------------------------------------------------------------------- LUNA16 folds
-#: A fold's record, written last: ``{"fold", "train_subsets", "val_subset", "test_subset",
-#: "test_seriesuids", "done": true, ...}``.
-FOLD_JSON = "fold.json"
-#: A fold's scores of its test subset, LUNA16 submission columns.
-PREDICTIONS_CSV = "predictions.csv"
-PREDICTION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+# A fold's record FOLD_JSON, written last ({"fold", "train_subsets", "val_subset", "test_subset",
+# "test_seriesuids", "done": true, ...}), and its scores of its test subset PREDICTIONS_CSV
+# (LUNA16's submission columns): the files `lungscreen evaluate --folds` reads, named there.
+PREDICTION_COLUMNS = list(SUBMISSION_COLUMNS)
 
 
 def fold_subsets(n_subsets: int, fold: int) -> dict:

@@ -56,7 +56,7 @@ def kernel_weights(d2, kernel, reach2=None):
     return w
 
 
-def nearest(pts, centres, budget, *, with_distance=False):
+def nearest(pts, centres, budget):
     """Index of the nearest centre of every point, computed on chunks of points.
 
     Parameters
@@ -65,28 +65,19 @@ def nearest(pts, centres, budget, *, with_distance=False):
     centres : (K, D) torch.Tensor
     budget : int
         Most (point, centre) pairs per chunk.
-    with_distance : bool
-        Also return each point's squared distance to its centre.
 
     Returns
     -------
     labels : (N,) int64 torch.Tensor
-    dist : (N,) torch.Tensor
-        Only with ``with_distance``.
     """
     import torch
 
     labels = torch.empty(pts.shape[0], dtype=torch.long, device=pts.device)
-    dist = torch.empty(pts.shape[0], dtype=pts.dtype, device=pts.device) if with_distance else None
     c_sq = (centres * centres).sum(1)
     step = max(1, budget // max(1, centres.shape[0]))
     for a in range(0, pts.shape[0], step):
-        d2 = sqdist(pts[a:a + step], centres, c_sq)
-        if with_distance:
-            dist[a:a + step], labels[a:a + step] = torch.min(d2, 1)
-        else:
-            labels[a:a + step] = torch.argmin(d2, 1)
-    return (labels, dist) if with_distance else labels
+        labels[a:a + step] = torch.argmin(sqdist(pts[a:a + step], centres, c_sq), 1)
+    return labels
 
 
 def row_major_strides(sizes):

@@ -305,8 +305,20 @@ def embed_candidates(ct, candidates: pd.DataFrame, *, weights=None, device=None,
     pre = model.preprocessing
     cubes = extract_patches(ct, centres_xyz_mm=best[["coordX", "coordY", "coordZ"]].to_numpy(float),
                             size_mm=pre["size_mm"], spacing_mm=pre["spacing_mm"])
-    x = torch.from_numpy(normalize_hu(cubes, tuple(pre["clip_hu"])))[:, None]
+    return pd.concat([out, pd.DataFrame(embed_cubes(model, cubes), columns=cols)], axis=1)
+
+
+def embed_cubes(model, cubes_hu: np.ndarray) -> np.ndarray:
+    """``(N, D)`` float32 embeddings of ``(N, n, n, n)`` HU cubes cut as ``model.preprocessing``
+    says (:func:`embed_candidates`'s forward pass; the patient model's training reads the
+    same), in one batch on the model's device; ``(0, D)`` for no cubes."""
+    import torch
+
+    from nets.cnn3d import normalize_hu
+
+    if len(cubes_hu) == 0:
+        return np.zeros((0, model.embed_dim), np.float32)
+    x = torch.from_numpy(normalize_hu(cubes_hu, tuple(model.preprocessing["clip_hu"])))[:, None]
     device_of = next(model.parameters()).device
     with torch.inference_mode():
-        emb = model.embed(x.to(device_of).contiguous(memory_format=torch.channels_last_3d)).float().cpu().numpy()
-    return pd.concat([out, pd.DataFrame(emb, columns=cols)], axis=1)
+        return model.embed(x.to(device_of).contiguous(memory_format=torch.channels_last_3d)).float().cpu().numpy()

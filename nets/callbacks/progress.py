@@ -78,7 +78,7 @@ class ProgressCallback(Callback):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=len(self.learn.dls.train), leave=False,
-                        disable=self.disable or not is_main_process(), desc=f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}")
+                        disable=self.disable if is_main_process() else True, desc=f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}")
 
     def after_batch(self):
         if self.bar is not None and self.learn.training:

@@ -284,3 +284,13 @@ def test_progress_bar_on_request_and_off_by_default(capsys):
     learn.fit(1)
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "0/6" in err and "epoch=0  train_loss=" in err
+
+
+def test_progress_bar_follows_the_terminal_by_default(capsys):
+    """progress=None (auto): no bar off a terminal (here: pytest's captured stderr), as
+    tqdm's disable=None decides; progress=True draws it anyway."""
+    set_seed(0)
+    for progress, drawn in ((None, False), (True, True)):
+        dls = DataLoaders(DataLoader(_toy(), batch_size=16))
+        Learner(_model(), dls, bce, lr=0.05, device="cpu", progress=progress).fit(1)
+        assert ("epoch 1/1" in capsys.readouterr().err) is drawn, progress
