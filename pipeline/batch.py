@@ -283,6 +283,8 @@ def _one(path, out_dir, config, force, pictures, prepare_only=False, *, cache=DE
     global _IN_SCAN
     logging.basicConfig(level=logging.WARNING)
     try:
+        if _STOP_REQUESTED:  # stopped while its last scan ran on (the raise was dropped): start no other
+            os._exit(128 + signal.SIGTERM)
         _IN_SCAN = True
         result = process_scan(path, out_dir, config, force=force, pictures=pictures,
                               prepare_only=prepare_only, cache=cache, save_ct=save_ct,
@@ -313,12 +315,23 @@ class _WorkerStopped(BaseException):
 
 
 _IN_SCAN = False  # a pool worker is inside _one
+_STOP_REQUESTED = False  # SIGTERM came: kept, since the raise may land where Python drops it
 
 
 def _stop_worker(signum, frame):
+    global _STOP_REQUESTED
+    _STOP_REQUESTED = True
     if _IN_SCAN:
         raise _WorkerStopped
     os._exit(128 + signum)  # idle: nothing to clean up
+
+
+def _ignore_stop_in_finalizers(unraisable, _default=sys.unraisablehook) -> None:
+    """sys.unraisablehook of a pool worker: a :class:`_WorkerStopped` raised inside a
+    finalizer (a weakref callback run by the garbage collector) is dropped by Python, which
+    would print its traceback; the stop is remembered in ``_STOP_REQUESTED`` instead."""
+    if not isinstance(unraisable.exc_value, _WorkerStopped):
+        _default(unraisable)
 
 
 def _start_worker(torch_threads: int) -> None:
@@ -329,6 +342,7 @@ def _start_worker(torch_threads: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_worker)
+    sys.unraisablehook = _ignore_stop_in_finalizers
     torch.set_num_threads(torch_threads)
 
 

@@ -413,3 +413,33 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def test_a_worker_stop_dropped_by_a_finalizer_is_silent_and_remembered(monkeypatch):
+    """SIGTERM's _WorkerStopped raised inside a weakref callback is dropped by Python (the
+    sigterm-pool test once printed its traceback that way): a pool worker's unraisable hook
+    keeps it off stderr, and _STOP_REQUESTED keeps the stop, so the worker starts no next scan."""
+    import weakref
+
+    from pipeline import batch
+
+    def raise_stop(_ref):
+        batch._stop_worker(signal.SIGTERM, None)
+
+    monkeypatch.setattr(batch, "_IN_SCAN", True)
+    monkeypatch.setattr(batch, "_STOP_REQUESTED", False)
+    monkeypatch.setattr(sys, "unraisablehook", batch._ignore_stop_in_finalizers)
+    printed = []  # what goes on to the default hook (which prints a traceback)
+    monkeypatch.setattr(batch._ignore_stop_in_finalizers, "__defaults__", (printed.append,))
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, raise_stop)
+    del thing  # the callback runs here; its exception cannot propagate
+    assert ref() is None and batch._STOP_REQUESTED and printed == []
+    other = Thing()
+    ref = weakref.ref(other, lambda _ref: 1 / 0)
+    del other  # any other dropped exception still reaches the default hook
+    assert [type(u.exc_value) for u in printed] == [ZeroDivisionError]
