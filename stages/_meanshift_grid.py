@@ -1,11 +1,15 @@
 """The grid engine of mean shift (internals of :mod:`stages.cluster`, ``mode="grid"``).
 
-Points are sorted by the id of a grid cell of side ``reach / per_reach`` (bandwidths).  The
-seeds of one cell share one candidate list: the points of the cells within the kernel's reach
-around it (a ball of cells), gathered as contiguous index ranges of the sorted points
-(``searchsorted``).  Each cell's seeds and candidates are cut into tiles, and every (seed
-tile, candidate tile) block is solved as a small dense problem with batched matrix products.
-Cost O(seeds x neighbours) per iteration instead of the exact engine's O(seeds x N).
+Points are sorted by the id of a grid cell of side ``reach / per_reach`` (bandwidths); the
+neighbour cells of a cell, those within the kernel's reach (a ball of cells), are a few
+rows of cells, each a contiguous index range of the sorted points (``searchsorted``).
+Once per grid, the sorted points are cut into tiles of consecutive points within a row,
+stored ready for the kernel's matrix products.  Each call sorts the seeds by cell too: the
+seeds around a point tile are then a few contiguous runs of them, cut into seed tiles, and
+every (point tile, seed tile) block is solved as a small dense problem with batched matrix
+products.  Per block only the seeds are gathered, so the gathering is small next to the
+``TS x TC`` kernel values.  Cost O(seeds x neighbours) per iteration instead of the exact
+engine's O(seeds x N).
 
 Everything is in bandwidth units (the points already divided by the bandwidth).
 """
@@ -18,11 +22,14 @@ from stages._cluster_dense import row_major_strides
 
 __all__ = ["Grid", "choose_grid_dims", "shift_grid", "radius_pairs", "TILE_SHAPES"]
 
-#: (seeds, points) shapes of the dense blocks per device type; each call takes the one with
-#: the least padding (few seeds a cell: 4 x 128; many: 32 x 16).  On an H100 the smaller
-#: blocks' extra gathers cost more than their padding saves (whole-lung cloud: 4.7 s with
-#: these shapes, 3.8 s with 16 x 64), on 2 CPU cores the padding dominates.
-TILE_SHAPES = {"cpu": ((4, 128), (8, 64), (16, 32), (32, 16)), "cuda": ((16, 64),)}
+#: (seeds, points) shape ``TS x TC`` of the dense blocks per device type: one tile of
+#: ``TC`` grid points meets up to ``TS`` seeds.  On 2 CPU cores (1 thread, lung1 cloud of
+#: 309k points, 92k seeds) 64 x 32, 64 x 64 and 128 x 64 ran alike, 64 x 32 ran a 20k-point
+#: cloud fastest.  Not measured on a GPU.
+TILE_SHAPES = {"cpu": (64, 32), "cuda": (64, 32)}
+#: A point tile spans at most this many reaches along the last hashed dimension: a seed meets
+#: a tile if within reach of its span, and its coordinates stay near the tile's mean.
+TILE_REACHES = 4
 #: Hashed grid dimensions are chosen among those spanning at least this many cells.
 MIN_CELLS_TO_HASH = 3
 #: At most this many dimensions are hashed (3**k neighbour cells per seed).
@@ -176,121 +183,149 @@ def expand_pairs(start, end):
     return torch.div(seg, n_r, rounding_mode="floor"), point
 
 
-def _tile_shape(s_count, c_count):
-    """The block shape of :data:`TILE_SHAPES` that computes the fewest (seed, point) pairs,
-    padding included, for cells of ``s_count`` seeds and ``c_count`` candidate points."""
-    import torch
+class _PointTiles(NamedTuple):
+    """The grid's points cut into tiles, augmented for the kernel's matrix products.
 
-    choices = TILE_SHAPES["cuda" if s_count.device.type == "cuda" else "cpu"]
-    if len(choices) == 1:
-        return choices[0]
-    shapes = torch.tensor(choices, device=s_count.device)
-    ts, tp = shapes[:, :1], shapes[:, 1:]
-    cost = (((s_count[None] + ts - 1) // ts) * ((c_count[None] + tp - 1) // tp)).sum(1) \
-        * ts[:, 0] * tp[:, 0]
-    return choices[int(torch.argmin(cost))]
+    The points of one grid row (cells differing only along the last hashed dimension, one
+    run of the sort order) are cut into tiles of ``TC`` points, a new tile starting every
+    :data:`TILE_REACHES` reaches along that dimension; only a run's last tile is padded.
 
-
-class _Tiling(NamedTuple):
-    """The seeds of each occupied cell and that cell's candidate points, cut into tiles.
-
-    Per cell: ``s_first``/``s_count`` locate its seeds in ``s_sorted`` (seed ids by cell,
-    then the padding id ``n_seeds``), ``c_first``/``c_count`` its candidates in ``cand``
-    (sorted point indices, then one padding index), ``n_ct`` its candidate tiles and
-    ``n_blk`` its (seed tile, candidate tile) blocks.
+    Attributes
+    ----------
+    aug : (T, TC, D + 2) torch.Tensor
+        ``[c - ref, 1, -|c - ref|^2 / 2]`` (bandwidths) of the tile's points ``c``,
+        relative to its mean ``ref`` (float32 keeps the exponent to about 1e-5); padding
+        rows are 0 but for ``-inf`` in the last column (weight 0).
+    rhs : (T, D + 1, TC) torch.Tensor
+        ``mass * [c, 1]`` transposed (0 on padding): its product with a block's weights
+        gives the numerators and denominators.
+    ref : (T, D) torch.Tensor
+        Each tile's mean (bandwidths).
+    cell_lo, cell_hi : (T,) int64 torch.Tensor
+        Cell ids of each tile's first and last point (one grid row).
     """
 
-    n_seeds: int
-    tile_seeds: int
-    tile_points: int
-    s_sorted: object
-    s_first: object
-    s_count: object
-    cand: object
-    c_first: object
-    c_count: object
-    n_ct: object
-    n_blk: object
+    aug: object
+    rhs: object
+    ref: object
+    cell_lo: object
+    cell_hi: object
 
 
-def _tile_cells(grid, pos):
-    """Group the seeds ``pos`` by grid cell and tile each cell's seeds and candidates."""
+def _point_tiles(grid):
+    """The :class:`_PointTiles` of ``grid``, built on the first call and kept on it."""
     import torch
 
-    n_s = pos.shape[0]
-    cell = grid.cell_ids(pos)
-    s_order = torch.argsort(cell, stable=True)
-    ucell, s_count = torch.unique_consecutive(cell[s_order], return_counts=True)
-    start, end = grid.ranges_of_cells(ucell)
-    _, cand = expand_pairs(start, end)                        # candidates grouped by cell
-    c_count = (end - start).clamp(min=0).sum(1)
-    tile_seeds, tile_points = _tile_shape(s_count, c_count)
-    n_st = (s_count + tile_seeds - 1) // tile_seeds
-    n_ct = (c_count + tile_points - 1) // tile_points
-    pad = torch.full((1,), n_s, dtype=torch.long, device=pos.device)
-    return _Tiling(n_s, tile_seeds, tile_points, torch.cat([s_order, pad]),
-                   torch.cumsum(s_count, 0) - s_count, s_count,
-                   torch.cat([cand, torch.zeros(1, dtype=torch.long, device=pos.device)]),
-                   torch.cumsum(c_count, 0) - c_count, c_count, n_ct, n_st * n_ct)
+    tiles = getattr(grid, "_tiles", None)
+    if tiles is not None:
+        return tiles
+    pts, dev = grid.pts, grid.pts.device
+    n_pts, n_d = pts.shape
+    # runs of points sharing a row and a span of TILE_REACHES reaches along the last hashed
+    # dimension (stride 1, ids in the sort order)
+    last = grid.ids % grid.sizes[-1]
+    key = grid.ids - last + torch.div(last, TILE_REACHES * grid.m, rounding_mode="floor")
+    _, count = torch.unique_consecutive(key, return_counts=True)
+    tc = TILE_SHAPES["cuda" if dev.type == "cuda" else "cpu"][1]
+    n_tiles = (count + tc - 1) // tc
+    run = torch.repeat_interleave(torch.arange(count.numel(), device=dev), count,
+                                  output_size=n_pts)
+    rank = torch.arange(n_pts, device=dev) - (torch.cumsum(count, 0) - count)[run]
+    slot = (torch.cumsum(n_tiles, 0) - n_tiles)[run] * tc + rank   # row in the flat tiles
+    tile = torch.div(slot, tc, rounding_mode="floor")
+    n_t = int(n_tiles.sum())
+    ones = torch.ones(n_pts, 1, dtype=pts.dtype, device=dev)
+    size = torch.zeros(n_t, 1, dtype=pts.dtype, device=dev).index_add_(0, tile, ones)
+    ref = torch.zeros(n_t, n_d, dtype=pts.dtype, device=dev).index_add_(0, tile, pts) / size
+    rel = pts - ref[tile]
+    aug = torch.zeros(n_t * tc, n_d + 2, dtype=pts.dtype, device=dev)
+    aug[:, n_d + 1] = -math.inf                                    # padding: weight 0
+    aug[slot] = torch.cat([rel, ones, -0.5 * (rel * rel).sum(1, keepdim=True)], 1)
+    rhs = torch.zeros(n_t * tc, n_d + 1, dtype=pts.dtype, device=dev)
+    rhs[slot] = torch.cat([pts, ones], 1)
+    if grid.mass is not None:
+        rhs[slot] *= grid.mass[:, None].to(pts.dtype)
+    idx = torch.arange(n_pts, device=dev)
+    first = torch.full((n_t,), n_pts, dtype=torch.long, device=dev).scatter_reduce_(
+        0, tile, idx, reduce="amin")
+    final = torch.zeros(n_t, dtype=torch.long, device=dev).scatter_reduce_(
+        0, tile, idx, reduce="amax")
+    grid._tiles = _PointTiles(aug.reshape(n_t, tc, n_d + 2),
+                              rhs.reshape(n_t, tc, n_d + 1).transpose(1, 2).contiguous(),
+                              ref, grid.ids[first], grid.ids[final])
+    return grid._tiles
 
 
-def _block_members(t, a, b):
-    """Seed ids (``n_seeds`` = padding), candidate point indices and the candidates' validity
-    mask of every block of cells ``a:b``: (B, TS), (B, TC), (B, TC)."""
+def _tile_seeds(grid, tiles, s_cell):
+    """(T, R) start and end indices, into the seeds sorted by cell id (``s_cell``: their
+    sorted cell ids), of the seeds around each point tile.
+
+    The neighbourhood is symmetric: a seed's neighbour cells hold a point's cell exactly
+    when the point's hold the seed's.  So the seeds that need a tile are those of its
+    cells' neighbour rows, each one contiguous run of the seeds' sort order, widened to
+    the tile's span along the row (its extra seeds are cut by distance).  A seed falls in
+    at most one run of a tile: it meets each tile once.
+    """
     import torch
 
-    dev = t.n_blk.device
-    nb = t.n_blk[a:b]
-    blk_cell = torch.repeat_interleave(torch.arange(a, b, device=dev), nb)
-    local = torch.arange(blk_cell.numel(), device=dev) - (torch.cumsum(nb, 0) - nb)[blk_cell - a]
-    ti = torch.div(local, t.n_ct[blk_cell], rounding_mode="floor")
-    tj = local - ti * t.n_ct[blk_cell]
-    srow = ti[:, None] * t.tile_seeds + torch.arange(t.tile_seeds, device=dev)[None, :]
-    s_ok = srow < t.s_count[blk_cell][:, None]
-    sidx = torch.where(s_ok, t.s_first[blk_cell][:, None] + srow, t.n_seeds)  # into sorted seeds
-    crow = tj[:, None] * t.tile_points + torch.arange(t.tile_points, device=dev)[None, :]
-    c_ok = crow < t.c_count[blk_cell][:, None]
-    cidx = torch.where(c_ok, t.c_first[blk_cell][:, None] + crow, t.cand.numel() - 1)
-    return t.s_sorted[sidx], t.cand[cidx], c_ok
+    lo_ids = (tiles.cell_lo[:, None] + grid.offsets[None, :] - grid.m).reshape(-1)
+    hi_ids = (tiles.cell_hi[:, None] + grid.offsets[None, :] + grid.m).reshape(-1)
+    start = torch.searchsorted(s_cell, lo_ids, right=False)
+    end = torch.searchsorted(s_cell, hi_ids, right=True)
+    n_t = tiles.cell_lo.shape[0]
+    return start.reshape(n_t, -1), end.reshape(n_t, -1)
 
 
-def _block_sums(grid, pos, seeds, points, c_ok, kernel, reach2):
-    """Kernel-weighted sums of each block's candidates for its seeds: (B, TS, D), (B, TS).
+def _block_sums(tiles, spos, blk_tile, seeds, kernel, reach2):
+    """Kernel-weighted sums of each block's point tile for its seeds: (B, TS, D + 1),
+    the numerators then the denominators.
 
     Two batched matrix products per block instead of a chain of elementwise passes: the
-    exponent ``-d^2 / 2`` of every (seed, candidate) pair is one product of the seeds
-    ``[s, -|s|^2 / 2, 1]`` with the candidates ``[c, 1, -|c|^2 / 2]`` (padding candidates
-    get ``-inf``: weight 0), and the numerator and denominator are one product of the
-    weights with ``[c, 1]``.  Coordinates are taken relative to the block's first seed, so
-    float32 keeps the exponent to about 1e-5.
+    exponent ``-d^2 / 2`` of every (point, seed) pair is one product of the tile's
+    ``[c, 1, -|c|^2 / 2]`` (padding points: ``-inf``, weight 0) with the seeds
+    ``[s, -|s|^2 / 2, 1]``, both relative to the tile's mean, and the sums are one
+    product of the tile's ``mass * [c, 1]`` with the weights.
+
+    Parameters
+    ----------
+    tiles : _PointTiles
+    spos : (S + 1, D) torch.Tensor
+        Seed positions (bandwidths), sorted by cell, then a padding row.
+    blk_tile : (B,) int64 torch.Tensor
+        The point tile of each block.
+    seeds : (B, TS) int64 torch.Tensor
+        Its seeds, rows of ``spos``.
+    kernel : {"gaussian", "flat"}
+    reach2 : float
+        Squared reach (squared bandwidths).
     """
     import torch
+    import torch.nn.functional as F
 
-    n_d = pos.shape[1]
-    sp = pos[seeds.clamp(max=pos.shape[0] - 1)]                   # (B, TS, D)
-    cp = grid.pts[points]                                         # (B, TC, D)
-    ref = sp[:, :1, :]                                            # work near the block
-    sp = sp - ref
-    cp = cp - ref
-    c_half = (-0.5 * (cp * cp).sum(2, keepdim=True)).masked_fill_(~c_ok[:, :, None], -math.inf)
-    cand = torch.cat([cp, torch.ones_like(c_half), c_half], 2)   # (B, TC, D + 2)
+    n_b, n_ts = seeds.shape
+    ref = tiles.ref.index_select(0, blk_tile)[:, None, :]                       # (B, 1, D)
+    sp = spos.index_select(0, seeds.reshape(-1)).reshape(n_b, n_ts, -1) - ref   # (B, TS, D)
     seed = torch.cat([sp, -0.5 * (sp * sp).sum(2, keepdim=True), torch.ones_like(sp[:, :, :1])], 2)
-    expo = torch.bmm(seed, cand.transpose(1, 2))                  # -d^2 / 2, <= 0 up to rounding
+    expo = torch.bmm(tiles.aug.index_select(0, blk_tile), seed.transpose(1, 2))  # (B, TC, TS)
     if kernel == "flat":
-        w = (expo >= -0.5).to(pos.dtype)
+        w = (expo >= -0.5).to(spos.dtype)
     else:
-        if reach2 is not None:
-            expo.masked_fill_(expo < -0.5 * reach2, -math.inf)
-        w = torch.exp_(expo)
-    if grid.mass is not None:                                     # weighted (binned) points
-        w = w * grid.mass[points][:, None, :]
-    sums = torch.bmm(w, cand[:, :, :n_d + 1])                    # [sum w c, sum w]
-    den = sums[:, :, n_d]
-    return sums[:, :, :n_d] + ref * den[:, :, None], den
+        # The cut in three cheap passes: exp is several times slower on -inf or underflowing
+        # arguments, so pairs beyond reach (and padding) get exp(cut - 1), then 0.
+        cut = -0.5 * reach2
+        w = torch.exp_(F.threshold_(expo, cut, cut - 1.0))
+        w = F.threshold_(w, 0.5 * math.exp(cut), 0.0)
+    return torch.bmm(tiles.rhs.index_select(0, blk_tile), w).transpose(1, 2)
 
 
 def shift_grid(grid, pos, *, kernel, reach2, budget):
     """Kernel-weighted sums of the grid points around each position: (numerator, denominator).
+
+    The grid's points are cut into tiles (:func:`_point_tiles`, once per grid); the seeds
+    around each tile (:func:`_tile_seeds`) are cut into tiles of ``TS``, and every (point
+    tile, seed tile) block is one small dense problem (:func:`_block_sums`), gathering
+    ``TS`` seeds for ``TS x TC`` pairs.  A seed meets each tile of its neighbour cells
+    once, and the kernel is cut at ``reach2`` by distance.
 
     Parameters
     ----------
@@ -300,7 +335,8 @@ def shift_grid(grid, pos, *, kernel, reach2, budget):
         Seed positions (bandwidths).
     kernel : {"gaussian", "flat"}
     reach2 : float
-        Squared reach (squared bandwidths): the Gaussian is cut there.
+        Squared reach (squared bandwidths): the Gaussian is cut there (at the grid's reach
+        if None).
     budget : int
         Most (seed, point) pairs, padding included, computed at once.
 
@@ -314,15 +350,35 @@ def shift_grid(grid, pos, *, kernel, reach2, budget):
     import torch
 
     n_s, n_d = pos.shape
-    t = _tile_cells(grid, pos)
-    num = torch.zeros(n_s + 1, n_d, dtype=pos.dtype, device=pos.device)  # row n_s: padding
-    den = torch.zeros(n_s + 1, dtype=pos.dtype, device=pos.device)
-    for a, b in chunks_by_cost(t.n_blk, max(1, budget // (t.tile_seeds * t.tile_points))):
-        seeds, points, c_ok = _block_members(t, a, b)
-        part_num, part_den = _block_sums(grid, pos, seeds, points, c_ok, kernel, reach2)
-        num.index_add_(0, seeds.reshape(-1), part_num.reshape(-1, n_d))
-        den.index_add_(0, seeds.reshape(-1), part_den.reshape(-1))
-    return num[:n_s], den[:n_s]
+    dev = pos.device
+    if reach2 is None:
+        reach2 = (grid.cell * grid.m) ** 2
+    tiles = _point_tiles(grid)
+    ts, tc = TILE_SHAPES["cuda" if dev.type == "cuda" else "cpu"][0], tiles.aug.shape[1]
+    cell = grid.cell_ids(pos)
+    s_cell, s_order = torch.sort(cell, stable=True)
+    spos = torch.cat([pos[s_order], torch.zeros(1, n_d, dtype=pos.dtype, device=dev)])
+    start, end = _tile_seeds(grid, tiles, s_cell)
+    n_seed = (end - start).clamp(min=0).sum(1)                   # seeds around each tile
+    n_blk = (n_seed + ts - 1) // ts
+    sums = torch.zeros(n_s + 1, n_d + 1, dtype=pos.dtype, device=dev)  # row n_s: padding
+    for a, b in chunks_by_cost(n_blk, max(1, budget // (ts * tc))):
+        blk = n_blk[a:b]
+        n_b = int(blk.sum())
+        if n_b == 0:
+            continue
+        t_loc, sidx = expand_pairs(start[a:b], end[a:b])          # (tile, seed), by tile
+        cnt = n_seed[a:b]
+        rank = torch.arange(sidx.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt)[t_loc]
+        seeds = torch.full((n_b * ts,), n_s, dtype=torch.long, device=dev)  # n_s: padding
+        seeds[((torch.cumsum(blk, 0) - blk) * ts)[t_loc] + rank] = sidx
+        seeds = seeds.reshape(n_b, ts)
+        blk_tile = torch.repeat_interleave(torch.arange(a, b, device=dev), blk, output_size=n_b)
+        part = _block_sums(tiles, spos, blk_tile, seeds, kernel, reach2)
+        sums.index_add_(0, seeds.reshape(-1), part.reshape(-1, n_d + 1))
+    out = torch.empty(n_s, n_d + 1, dtype=pos.dtype, device=dev)
+    out[s_order] = sums[:n_s]
+    return out[:, :n_d], out[:, n_d]
 
 
 def radius_pairs(pts, radius, budget):
