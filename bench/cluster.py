@@ -1,6 +1,7 @@
 """Benchmark of candidate clustering (:mod:`stages.cluster`) on the lung tissue of the lung1 CT.
 
-``python -m bench.cluster [--device cpu|cuda] [--out bench] [--points pts.npy] [--kmeans-only]``
+``python -m bench.cluster [--device cpu|cuda] [--out bench] [--points pts.npy] [--kmeans-only]
+[--exact-cache DIR] [--exact-max-s S]``
 writes ``<out>/cluster.json``; an existing file keeps the other devices' entries (one key per
 device type), so CPU and GPU runs are both recorded.  ``--kmeans-only`` runs the k-means
 comparison alone (a few minutes instead of the mean-shift hour on 2 CPU cores) and puts its
@@ -15,18 +16,20 @@ The seconds of each of those stages are recorded (``scan``), and the candidates 
 same scan.  ``--save-points`` writes the cloud as ``.npy`` so a machine without SimpleITK can
 run the benchmark on it.
 
-Mean shift runs with three settings (:data:`PRESETS`): ``accurate``, the defaults of
-:func:`stages.cluster.mean_shift` (every point a seed, Gaussian cut at 6 bandwidths, path
-merging in cells of 0.02 bandwidths; the reference where the exact engine does not fit the time
-limit), ``coarse_to_fine`` (``coarse_cutoff=4``: every seed climbs with the cut at 4, the
-distinct end points climb on with the cut at 6), and ``fast`` (Gaussian cut at 3 bandwidths, bin seeding,
-points pooled in bins of one bandwidth, path cells of 0.05, cells of one reach: with about one
-seed per bin and few points per cell finer cells pad the dense blocks more than they save,
-float32 on the CPU too).  At each size the exact engine is the reference where it fits the time
-limit (``ari_vs_exact``); where it does not (100k points and up on 2 CPU cores: about 62 s an
-iteration), ``accurate`` is the documented reference (``ari_vs_accurate``), itself checked
-against the exact engine at 20k points (its ``ari_vs_exact``: 0.998 on CPU); scikit-learn's
-``MeanShift(bin_seeding=True)`` (flat kernel) and ``KMeans`` are the outside references.
+Mean shift runs with four settings (:data:`PRESETS`): ``default``, the defaults of
+:func:`stages.cluster.mean_shift` (every point a seed, Gaussian cut at ``GRID_CUTOFF``,
+float32, path merging in cells of 0.02 bandwidths), ``previous_default``, the defaults of
+4c91416 (cut at 6, float64), measured in the same run as the baseline, ``thinned`` (one
+seed per occupied cell of one bandwidth) and ``fast`` (Gaussian cut at 3
+bandwidths, bin seeding, points pooled in bins of one bandwidth, path cells of 0.05, cells of
+one reach).  At each size the exact engine (every point a seed, no cut, float64) is the
+reference (``ari_vs_exact``) where it fits ``--exact-max-s`` (default :data:`MAX_RUN_S`;
+about 62 s an iteration at 100k points on 2 CPU cores, an hour in all) or where
+``--exact-cache`` holds its labels for the very same sample (the file records the seconds,
+date and load of the run that made it).  Where no exact labels exist, ``previous_default``
+is the reference (``ari_vs_previous_default``), itself checked against exact at 20k points.
+scikit-learn's ``MeanShift(bin_seeding=True)`` (flat kernel) and ``KMeans`` are the outside
+references.
 k-means (:func:`_run_kmeans`) runs ours and scikit-learn's interleaved,
 :data:`KMEANS_REPEATS` seeds each, with the same k, tolerance and iteration limit, and
 records the median seconds and the load average around them.
@@ -43,16 +46,18 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.cluster import COARSE_CUTOFF
 from stages.features import SCALE_HU, SCALE_MM, SCALE_SI
 
 log = logging.getLogger(__name__)
 
 #: Clustered voxels: inside the lung mask and denser than this (HU).
 TISSUE_HU = -600.0
-#: Mean-shift settings compared at every size (keyword arguments of ``mean_shift``).
-PRESETS = {"accurate": {},
-           "coarse_to_fine": {"coarse_cutoff": COARSE_CUTOFF},
+#: Mean-shift settings compared at every size (keyword arguments of ``mean_shift``):
+#: the defaults, the defaults of 4c91416 (the Gaussian cut at 6 bandwidths, float64 on the
+#: CPU), seed thinning (one seed per cell of one bandwidth) and a fast, less exact preset.
+PRESETS = {"default": {},
+           "previous_default": {"cutoff": 6.0, "dtype": "float64"},
+           "thinned": {"seed_cell": 1.0},
            "fast": {"cutoff": 3.0, "bin_seeding": True, "bin_size": 1.0, "path_cell": 0.05,
                     "cells_per_reach": 1, "dtype": "float32"}}
 #: Clusters for the k-means comparison.
@@ -65,8 +70,8 @@ KMEANS_REPEATS = 5
 #: Exact runs and scikit-learn runs longer than this (s) are extrapolated, not run.
 MAX_RUN_S = 60.0
 #: A preset whose time, extrapolated quadratically from the previous size, passes this (s)
-#: is not run at the next size (the accurate preset on a whole lung on 2 CPU cores: about
-#: 740 s; coarse-to-fine about half of that, so it runs).
+#: is not run at the next size (the previous defaults on a whole lung on 2 CPU cores: about
+#: 740 s).
 MAX_PRESET_S = 600.0
 
 
@@ -149,7 +154,47 @@ def _exact_per_iter(pts, device, n_probe=2000):
     return sec * len(pts) / len(seeds)
 
 
-def _run_size(sub, dev, presets, skip_sklearn, previous=None):
+def _exact_reference(sub, dev, r, per_iter, cache, max_s):
+    """Labels of the exact engine on ``sub``, run or read from ``cache``; None where neither.
+
+    The run is recorded in ``r["exact"]``.  A cached run is a ``.npz`` named by the number
+    of points and a hash of the sample, holding the labels and the run's seconds, iterations,
+    clusters, date, load and torch threads; it is used only for the identical sample.
+    """
+    import hashlib
+
+    from stages.cluster import mean_shift
+
+    n = len(sub)
+    name = f"exact_{n}_{hashlib.sha1(np.ascontiguousarray(sub, np.float32).tobytes()).hexdigest()[:12]}.npz"
+    path = Path(cache) / name if cache else None
+    if path is not None and path.exists():
+        z = np.load(path)
+        r["exact"] = {k: (z[k].item() if z[k].dtype.kind in "fiu" else str(z[k]))
+                      for k in z.files if k != "labels"}
+        r["exact"]["from_cache"] = name
+        return z["labels"]
+    est = per_iter * 50  # upper bound: converged seeds drop out
+    if not (est <= max_s or (n <= 20_000 and est <= 10 * max_s)):
+        r["exact"] = {"skipped": f"estimated {per_iter:.2f} s per iteration x up to 50 "
+                                 f"iterations > {max_s:.0f} s"}
+        return None
+    import torch
+
+    load = os.getloadavg()[0]
+    exact, sec = _timed(mean_shift, sub, BANDWIDTH, mode="exact", device=dev)
+    r["exact"] = _ms_record(exact, sec, n)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, labels=exact.labels, seconds=round(sec, 2), n_iter=exact.n_iter,
+                 n_clusters=len(exact.centres), torch_threads=torch.get_num_threads(),
+                 load_avg_1min_start=round(load, 2), device=str(dev),
+                 date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return exact.labels
+
+
+def _run_size(sub, dev, presets, skip_sklearn, previous=None, exact_cache=None,
+              exact_max_s=MAX_RUN_S):
     from sklearn.cluster import MeanShift
     from sklearn.metrics import adjusted_rand_score
 
@@ -172,23 +217,23 @@ def _run_size(sub, dev, presets, skip_sklearn, previous=None):
     ran = [name for name in presets if "_labels" in r[name]]
     per_iter = _exact_per_iter(sub, dev)
     r["exact_per_iter_s"] = round(per_iter, 4)
-    est = per_iter * 50  # upper bound: converged seeds drop out
-    if est <= MAX_RUN_S or (n <= 20_000 and est <= 10 * MAX_RUN_S):  # the ARI reference
-        exact, sec = _timed(mean_shift, sub, BANDWIDTH, mode="exact", device=dev)
-        r["exact"] = _ms_record(exact, sec, n)
+    exact_labels = _exact_reference(sub, dev, r, per_iter, exact_cache, exact_max_s)
+    if exact_labels is not None:
         for name in ran:
-            r[name]["ari_vs_exact"] = round(float(adjusted_rand_score(exact.labels,
+            r[name]["ari_vs_exact"] = round(float(adjusted_rand_score(exact_labels,
                                                                       r[name]["_labels"])), 5)
-            r[name]["speedup_vs_exact"] = round(r["exact"]["seconds"] / r[name]["seconds"], 1)
-    else:
-        r["exact"] = {"skipped": f"estimated {per_iter:.2f} s per iteration x up to 50 "
-                                 f"iterations > {MAX_RUN_S:.0f} s"}
-    if "exact" in r and "seconds" not in r["exact"] and "accurate" in ran:
-        ref = r["accurate"]["_labels"]  # the reference where exact does not fit
+            if "from_cache" not in r["exact"]:  # speed-ups only from runs side by side
+                r[name]["speedup_vs_exact"] = round(r["exact"]["seconds"] / r[name]["seconds"], 1)
+    elif "previous_default" in ran:
+        ref = r["previous_default"]["_labels"]  # the reference where exact does not fit
         for name in ran:
-            if name != "accurate":
-                r[name]["ari_vs_accurate"] = round(float(adjusted_rand_score(ref, r[name]["_labels"])), 5)
-                r[name]["speedup_vs_accurate"] = round(r["accurate"]["seconds"] / r[name]["seconds"], 1)
+            if name != "previous_default":
+                r[name]["ari_vs_previous_default"] = round(
+                    float(adjusted_rand_score(ref, r[name]["_labels"])), 5)
+    for name in ran:
+        if name != "previous_default" and "seconds" in r.get("previous_default", {}):
+            r[name]["speedup_vs_previous_default"] = round(
+                r["previous_default"]["seconds"] / r[name]["seconds"], 1)
     for name in ran:
         del r[name]["_labels"]
     # scikit-learn's MeanShift is a flat kernel: compare with ours, flat, same bins
@@ -276,7 +321,7 @@ def _run_kmeans(scaled, dev, skip_sklearn, repeats=None):
 
 
 def run(points, device, *, sizes=(20_000, 100_000), presets=None, skip_sklearn=False,
-        scan=None, kmeans_only=False) -> dict:
+        scan=None, kmeans_only=False, exact_cache=None, exact_max_s=MAX_RUN_S) -> dict:
     """Run every comparison on ``points`` (N, 5) and return the record for one device
     (with ``kmeans_only``, the k-means comparison alone: each size's record holds only
     ``n_points`` and ``kmeans``)."""
@@ -309,7 +354,8 @@ def run(points, device, *, sizes=(20_000, 100_000), presets=None, skip_sklearn=F
             rec["runs"][name] = {"n_points": int(n),
                                  "kmeans": _run_kmeans(sub / np.asarray(BANDWIDTH), dev, skip_sklearn)}
         else:
-            rec["runs"][name] = previous = _run_size(sub, dev, presets, skip_sklearn, previous)
+            rec["runs"][name] = previous = _run_size(sub, dev, presets, skip_sklearn, previous,
+                                                     exact_cache, exact_max_s)
         log.info("%s", json.dumps(rec["runs"][name]))
     rec["load_avg_1min_end"] = round(os.getloadavg()[0], 2)  # > cpu_count: a shared machine
     if scan is not None and not kmeans_only:  # the whole-lung clustering, next to the other stages
@@ -353,6 +399,10 @@ def main(argv=None) -> int:
     p.add_argument("--kmeans-only", action="store_true",
                    help="run only the k-means comparison; the file keeps the mean-shift entries")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--exact-cache", default=None,
+                   help="folder of exact-engine labels: read for the same sample, written after a run")
+    p.add_argument("--exact-max-s", type=float, default=MAX_RUN_S,
+                   help=f"run the exact engine where its estimate is below this (s; default {MAX_RUN_S:.0f})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     unknown = set(args.presets.split(",")) - set(PRESETS)
@@ -373,7 +423,8 @@ def main(argv=None) -> int:
     sizes = tuple(int(s) for s in args.sizes.split(",") if s)
     presets = {k: PRESETS[k] for k in args.presets.split(",")}
     rec = run(points, args.device, sizes=sizes, presets=presets, skip_sklearn=args.skip_sklearn,
-              scan=scan, kmeans_only=args.kmeans_only)
+              scan=scan, kmeans_only=args.kmeans_only, exact_cache=args.exact_cache,
+              exact_max_s=args.exact_max_s)
     out = Path(args.out) / "cluster.json"
     data = json.loads(out.read_text()) if out.exists() else {}
     key = rec["device"].split(":")[0]

@@ -1,11 +1,12 @@
 """The mean-shift iteration shared by both engines (internals of :mod:`stages.cluster`).
 
 :func:`run` takes checked numpy inputs and :class:`Options`, and does the work in torch:
-divide the points by the bandwidth and centre them, place the seeds (given, bin seeds or
-every point), optionally pool the points in bins, move every seed uphill with the engine's
-shift (:func:`shift_exact` or :func:`stages._meanshift_grid.shift_grid`) until it stops
-(:func:`climb`), merge close modes keeping the denser (:func:`merge_modes`) and label every
-point by its nearest mode, largest cluster first.  The same code runs on CPU and CUDA.
+divide the points by the bandwidth and centre them, place the seeds (given, bin seeds,
+one point per seed cell or every point), optionally pool the points in bins, move every
+seed uphill with the engine's shift (:func:`shift_exact` or
+:func:`stages._meanshift_grid.shift_grid`) until it stops (:func:`climb`), merge close
+modes keeping the denser (:func:`merge_modes`) and label every point by its nearest mode,
+largest cluster first.  The same code runs on CPU and CUDA.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from stages._cluster_dense import kernel_weights, nearest, row_major_strides, sq
 from stages._meanshift_grid import Grid, choose_grid_dims, radius_pairs, shift_grid
 from stages._meanshift_paths import PathMerger, make_snapper
 
-__all__ = ["Options", "run", "climb", "shift_exact", "merge_modes", "SNAP_RADIUS"]
+__all__ = ["Options", "run", "climb", "shift_exact", "merge_modes", "thin_seeds", "SNAP_RADIUS"]
 
 #: Grid engine: a moving seed closer than this many bandwidths to a converged one stops
 #: there (it would reach the same mode; saves the slow tail of Gaussian mean shift).
@@ -38,8 +39,8 @@ CANDIDATE_CELL = 0.1
 class Options:
     """Checked settings of one :func:`stages.cluster.mean_shift` call; lengths in bandwidths.
 
-    ``engine`` is ``"exact"`` or ``"grid"`` (``"auto"`` already resolved), ``path_cell`` a
-    number (0: off), ``merge_radius`` a number, ``grid_dims`` sorted feature indices or
+    ``engine`` is ``"exact"`` or ``"grid"`` (``"auto"`` already resolved), ``path_cell`` and
+    ``seed_cell`` numbers (0: off), ``merge_radius`` a number, ``grid_dims`` sorted feature indices or
     None, ``budget`` the most (seed, point) pairs computed at once.
     """
 
@@ -57,6 +58,7 @@ class Options:
     cells_per_reach: int
     budget: int
     coarse_cutoff: float | None = None
+    seed_cell: float = 0.0
 
 
 def run(points, bandwidth, seeds, opts, device, dtype):
@@ -69,7 +71,8 @@ def run(points, bandwidth, seeds, opts, device, dtype):
     bandwidth : (D,) float64 ndarray
         Input units per feature.
     seeds : (M, D) float64 ndarray or None
-        Starting positions (input units); None: bin seeds or every point, per ``opts``.
+        Starting positions (input units); None: bin seeds, thinned points or every point,
+        per ``opts``.
     opts : Options
     device : torch.device
     dtype : torch.dtype
@@ -165,13 +168,14 @@ def coarse_candidates(kpts, mass, start, opts):
 
 
 def _start_positions(scaled, seeds_scaled, opts):
-    """The seeds (bandwidths): the ones given, else the bin seeds if asked for, else every point."""
+    """The seeds (bandwidths): the ones given, else the bin seeds if asked for, else one point
+    per cell of side ``opts.seed_cell`` (:func:`thin_seeds`), else every point."""
     import torch
 
     if seeds_scaled is not None:
         return seeds_scaled
     if not opts.bin_seeding:
-        return scaled
+        return scaled[thin_seeds(scaled, opts.seed_cell)] if opts.seed_cell else scaled
     cells = np.round(scaled)  # one int64 key per bin: far faster than np.unique(axis=0)
     _, first, counts = np.unique(flat_keys(torch.as_tensor(cells.astype(np.int64))).numpy(),
                                  return_index=True, return_counts=True)
@@ -180,6 +184,21 @@ def _start_positions(scaled, seeds_scaled, opts):
         raise ValueError(f"no bin holds min_bin_freq={opts.min_bin_freq} points (largest bin: "
                          f"{counts.max()}); lower min_bin_freq or use bin_seeding=False")
     return seeds
+
+
+def thin_seeds(scaled, side):
+    """Seed thinning: the index of the first point (in input order) of every occupied cell of
+    a grid of side ``side`` (bandwidths) over ``scaled`` (N, D) points, increasing.
+
+    The seeds stay data points, so every mode they climb to is one the exact engine finds
+    from that point; on dense clouds a cell holds many points that climb to the same mode
+    (whole lung1 tissue cloud, side 2: 22,227 seeds for 309,086 points).
+    """
+    import torch
+
+    keys = flat_keys(torch.as_tensor(np.floor(scaled / side).astype(np.int64))).numpy()
+    _, first = np.unique(keys, return_index=True)
+    return np.sort(first)
 
 
 def _shifter(kpts, mass, opts):

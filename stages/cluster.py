@@ -13,14 +13,15 @@ Mean shift has two engines.
     bounded; the Gaussian kernel is not truncated.  Cost O(seeds x N) per iteration.
 ``mode="grid"``
     Points are sorted by the id of a grid cell of side ``cutoff / cells_per_reach``
-    bandwidths.  The seeds of one cell share one candidate list: the points of the cells
-    within the kernel's reach around it (a ball of cells), gathered as contiguous index
-    ranges of the sorted points (``searchsorted``), and every (seed tile, candidate tile)
-    block is solved as a small dense problem with batched matrix products.  Three further
+    bandwidths and cut once into tiles of consecutive points; the seeds around a tile (the
+    cells within the kernel's reach, a ball of cells) are contiguous runs of the seeds sorted
+    the same way, and every (point tile, seed tile) block is solved as a small dense problem
+    with batched matrix products, the Gaussian cut at ``cutoff`` bandwidths.  Four further
     savings: path merging (a seed that stops in a small cell another seed has stopped in
     follows that seed, after Carreira-Perpinan's spatial discretisation, CVPR 2006),
     optional bin seeding (scikit-learn's: seeds at the occupied bins of one bandwidth),
-    optional binned points (the kernel summed over bin means weighted by their counts).
+    optional seed thinning (one data point per occupied cell of ``seed_cell``), optional
+    binned points (the kernel summed over bin means weighted by their counts).
     Cost O(seeds x neighbours) per iteration.  With ``coarse_cutoff`` (opt-in) it runs
     coarse-to-fine: every seed climbs with the Gaussian cut at ``coarse_cutoff`` bandwidths,
     and only the distinct end points climb on with the full ``cutoff``, so the modes and
@@ -54,9 +55,11 @@ __all__ = ["MeanShiftResult", "KMeansResult", "mean_shift", "kmeans"]
 AUTO_EXACT_MAX_POINTS = 5000
 #: Grid engine: default side (bandwidths) of the cells of the seeds' path merging.
 PATH_CELL = 0.02
-#: Grid engine, opt-in ``coarse_cutoff``: the value measured (see Notes of :func:`mean_shift`).
-#: Not the default: it agrees with exact at 20k points (ARI 0.997) but only 0.936 with one
-#: climb at 100k (lung1 tissue).
+#: Grid engine: default cut of the Gaussian (bandwidths); see Notes of :func:`mean_shift`.
+GRID_CUTOFF = 5.0
+#: Grid engine, opt-in ``coarse_cutoff``: the value measured with ``cutoff=6`` (see Notes of
+#: :func:`mean_shift`).  Not the default: it agrees with exact at 20k points (ARI 0.997) but
+#: only 0.936 with one climb at 100k (lung1 tissue).
 COARSE_CUTOFF = 4.0
 
 _KERNELS = ("gaussian", "flat")
@@ -78,7 +81,7 @@ class MeanShiftResult:
     n_iter : int
         Iterations run (the slowest seed's; coarse-to-fine: both stages' added).
     n_seeds : int
-        Seeds started (all points, the bin seeds or the seeds given).
+        Seeds started (all points, the thinned points, the bin seeds or the seeds given).
     mode : str
         Engine used: ``"exact"`` or ``"grid"``.
     device : str
@@ -191,16 +194,17 @@ def _check_bandwidth(bandwidth, n_dims) -> np.ndarray:
     return bw
 
 
-def _check_path_cell(path_cell):
-    if path_cell is None:
+def _check_cell(name, value, off):
+    """A cell side in bandwidths, >= 0 (0: ``off``), or None (the engine's default)."""
+    if value is None:
         return None
     try:
-        path_cell = float(path_cell)
+        value = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"path_cell must be a number or None, got {path_cell!r}") from None
-    if not (math.isfinite(path_cell) and path_cell >= 0):
-        raise ValueError(f"path_cell must be >= 0 bandwidths (0: no path merging), got {path_cell!r}")
-    return path_cell
+        raise TypeError(f"{name} must be a number or None, got {value!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be >= 0 bandwidths (0: {off}), got {value!r}")
+    return value
 
 
 def _check_bin_seeding(bin_seeding):
@@ -235,9 +239,9 @@ def _check_grid_dims(grid_dims, n_dims):
 
 
 def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, seeds=None,
-               mode="auto", cutoff=6.0, bin_seeding=None, min_bin_freq=1, merge_radius=None,
-               grid_dims=None, path_cell=None, bin_size=None, cells_per_reach=2,
-               coarse_cutoff=None, device=None, dtype=None,
+               mode="auto", cutoff=GRID_CUTOFF, bin_seeding=None, min_bin_freq=1,
+               merge_radius=None, grid_dims=None, path_cell=None, seed_cell=0.0, bin_size=None,
+               cells_per_reach=2, coarse_cutoff=None, device=None, dtype=None,
                seed=0) -> MeanShiftResult:
     """Cluster points by mean shift: move seeds uphill on the kernel density to its modes.
 
@@ -257,14 +261,14 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
         A seed has converged when it moves less than ``tol`` bandwidths in an iteration.
     seeds : (M, D) array_like of float, optional
         Starting positions (input units).  Default: the bin seeds when ``bin_seeding``,
-        else every point.
+        else one point per cell of ``seed_cell`` when given, else every point.
     mode : {"auto", "exact", "grid"}
         Engine (see the module notes).  ``"auto"``: exact up to
         ``AUTO_EXACT_MAX_POINTS`` points, grid above.
     cutoff : float
         The grid engine truncates the Gaussian at ``cutoff`` bandwidths (weight
-        ``exp(-cutoff^2/2)``: 0.011 at 3, 1.5e-8 at 6).  Ignored by the flat kernel
-        (reach 1) and by the exact engine.
+        ``exp(-cutoff^2/2)``: 0.011 at 3, 3.7e-6 at 5, 1.5e-8 at 6).  Default
+        ``GRID_CUTOFF`` (5).  Ignored by the flat kernel (reach 1) and by the exact engine.
     bin_seeding : bool, optional
         Seed from the occupied bins of a grid of one bandwidth (at least ``min_bin_freq``
         points each) instead of every point, as scikit-learn's.  Default False.
@@ -281,6 +285,12 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
         cell of this side (bandwidths) where another seed has stopped before follows that
         seed to its mode instead of climbing on alone.  Default ``PATH_CELL`` (0.02) for the
         grid engine, 0 (off) for the exact one.
+    seed_cell : float
+        Seed thinning (opt-in), when neither ``seeds`` nor ``bin_seeding`` is given: one
+        seed per occupied cell of this side (bandwidths), the cell's first point in input
+        order, so the seeds are data points and the kernel still sums over every point.
+        Default 0: every point a seed.  Faster on dense clouds, at the cost of the modes
+        whose basins no seed falls in (see Notes).
     bin_size : float, optional
         Pool the points in cubic bins of this side (bandwidths) and sum the kernel over
         the bins' means weighted by their counts (a binned kernel density estimate); the
@@ -292,7 +302,8 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
         neighbours are the cells within ``cutoff`` of it (a ball of cells): 2 visits
         about 40 % fewer candidate points than 1 on lung clouds.
     coarse_cutoff : float, optional
-        Grid engine, Gaussian kernel, ``coarse_cutoff < cutoff``: coarse-to-fine.  Every
+        Grid engine, Gaussian kernel, ``coarse_cutoff < cutoff`` (e.g. 4 with ``cutoff=6``):
+        coarse-to-fine.  Every
         seed first climbs with the Gaussian cut at ``coarse_cutoff`` bandwidths (float32
         arithmetic; stops at 0.01 bandwidths of movement, paths merged in cells of 0.05),
         and only the distinct end points (one per cell of 0.1 bandwidths) climb on with the
@@ -302,7 +313,8 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
     device : str or torch.device, optional
         ``None``/``"auto"``: CUDA when available, else CPU.
     dtype : {"float32", "float64"}, optional
-        Working precision; default float64 on CPU, float32 on CUDA.
+        Working precision; default float32, except the exact engine on the CPU (float64:
+        the reference).
     seed : int
         Accepted for a uniform interface; mean shift draws no random numbers, so the result
         depends on ``seed`` not at all (and on the device only within rounding).
@@ -323,22 +335,22 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
 
     Notes
     -----
-    The engines differ by the truncation at ``cutoff``, path merging and, where asked
-    for, bin seeding and binned points.  The truncation matters in five dimensions: the
-    Gaussian keeps ``P(chi2_D <= cutoff^2)`` of its mass, 89 % at ``cutoff=3`` for D = 5
-    (99.98 % at 5), and on sparse 5-D clouds with hundreds of weak modes this moves modes.
-    Measured on a 20k-point sample of the lung1 tissue cloud of ``bench/cluster.py``
-    (the pipeline's feature scales as bandwidth; exact engine as the reference, adjusted
-    Rand index of the labels, CPU float64): the defaults (``cutoff=6``, every point a seed,
-    ``path_cell=0.02``, one climb) 0.999; coarse-to-fine with ``coarse_cutoff=4`` 0.997,
-    with 3 0.96 (where the coarse stage's seeds end decides which modes the fine climb
-    finds), and at 100k points ``coarse_cutoff=4`` agrees with the defaults only to 0.936
-    (607 vs 618 clusters), so it stays opt-in;
-    ``path_cell=0.05`` 0.991; no path merging 0.998; the ``fast`` preset
-    of ``bench/cluster.py`` (``cutoff=3``, bin seeding, ``bin_size=1``) 0.82.
-    Coarse-to-fine takes about half the time of one climb (20k: 4.3 s vs 9.8 s, one torch
-    thread, load 5.7; 100k: 307 s vs 414 s, two threads, load ~5 on 2 cores);
-    ``bench/cluster.json`` records the time of each setting.
+    The engines differ by the truncation at ``cutoff``, path merging, snapping and, where
+    asked for, seed thinning, bin seeding and binned points.  The truncation matters in five
+    dimensions: the Gaussian keeps ``P(chi2_D <= cutoff^2)`` of its mass, 89 % at
+    ``cutoff=3`` for D = 5 (99.98 % at 5), and on sparse 5-D clouds with hundreds of weak
+    modes this moves modes.  Measured on the lung1 tissue cloud of ``bench/cluster.py`` (the
+    pipeline's feature scales as bandwidth; adjusted Rand index of the labels against the
+    exact engine at 20k points, and at 100k against the grid engine with the cut at 7, every
+    point a seed, no path merging or snapping, float64, which equals the exact engine at 20k,
+    ARI 1.0): the defaults (cut at 5, float32) 0.9987 and 0.9958; the cut at 6 (the
+    defaults of 4c91416) 0.9987 and 0.9953; at 4, 0.9975 and 0.959.  Seed thinning keeps
+    20k points exact-grade but not 100k, whose denser cells hold points of several small
+    basins: ``seed_cell=1`` 0.9994 and 0.956, ``seed_cell=2`` 0.987 and 0.911 (cut at 5);
+    so it stays opt-in.  Coarse-to-fine with ``coarse_cutoff=4`` (and ``cutoff=6``) agrees
+    with the cut at 6 to 0.997 at 20k and 0.936 at 100k; ``path_cell=0.05`` 0.991 at 20k;
+    the ``fast`` preset of ``bench/cluster.py`` (``cutoff=3``, bin seeding,
+    ``bin_size=1``) 0.82.  ``bench/cluster.json`` records the time of each setting.
 
     Examples
     --------
@@ -362,22 +374,23 @@ def mean_shift(points, bandwidth, *, kernel="gaussian", max_iter=50, tol=1e-3, s
     cells_per_reach = _check_positive("cells_per_reach", cells_per_reach, integer=True)
     bin_size = _check_positive("bin_size", bin_size, allow_none=True)
     coarse_cutoff = _check_positive("coarse_cutoff", coarse_cutoff, allow_none=True)
-    path_cell = _check_path_cell(path_cell)
+    path_cell = _check_cell("path_cell", path_cell, "no path merging")
+    seed_cell = _check_cell("seed_cell", seed_cell, "every point a seed") or 0.0
     bin_seeding = _check_bin_seeding(bin_seeding)
     _check_seed(seed)
     seeds_np = _check_seeds(seeds, d, bin_seeding)
     grid_dims = _check_grid_dims(grid_dims, d)
     dev = pick_device(device)
-    tdtype = _resolve_dtype(dtype, dev)
-
     engine = mode if mode != "auto" else ("exact" if n <= AUTO_EXACT_MAX_POINTS else "grid")
+    tdtype = _resolve_dtype(dtype if dtype is not None or engine == "exact" else "float32", dev)
     if path_cell is None:
         path_cell = PATH_CELL if engine == "grid" else 0.0
     opts = _meanshift.Options(kernel=kernel, engine=engine, max_iter=max_iter, tol=tol,
                               cutoff=cutoff, bin_seeding=bin_seeding, min_bin_freq=min_bin_freq,
                               merge_radius=merge_radius, grid_dims=grid_dims, path_cell=path_cell,
                               bin_size=bin_size, cells_per_reach=cells_per_reach,
-                              budget=pair_budget(dev), coarse_cutoff=coarse_cutoff)
+                              budget=pair_budget(dev), coarse_cutoff=coarse_cutoff,
+                              seed_cell=seed_cell)
     centres, labels, sizes, n_iter, n_seeds = _meanshift.run(pts_np, bw, seeds_np, opts, dev, tdtype)
     return MeanShiftResult(centres=centres, labels=labels, cluster_sizes=sizes, n_iter=n_iter,
                            n_seeds=n_seeds, mode=engine, device=str(dev))

@@ -91,7 +91,8 @@ def test_grid_agrees_with_exact_on_5d_clusters():
 def test_grid_with_long_cutoff_and_point_seeds_matches_exact(rng):
     pts = vessel_like(rng, n_tubes=3, n_per=100)
     exact = mean_shift(pts, 1.0, mode="exact", device="cpu")
-    grid = mean_shift(pts, 1.0, mode="grid", cutoff=6.0, bin_seeding=False, device="cpu")
+    grid = mean_shift(pts, 1.0, mode="grid", cutoff=6.0, seed_cell=0, device="cpu")
+    assert grid.n_seeds == exact.n_seeds
     assert adjusted_rand_score(exact.labels, grid.labels) == 1.0
     np.testing.assert_allclose(grid.centres, exact.centres, atol=0.05)
 
@@ -129,7 +130,7 @@ def test_one_step_equals_brute_force_kernel_mean(rng, cloud, seed_every, kernel,
     seeds = pts[::seed_every] + 0.3  # each seed has its own point within reach
     res = mean_shift(pts, 1.0, seeds=seeds, mode=mode, kernel=kernel, cutoff=3.0,
                      cells_per_reach=cells_per_reach, max_iter=1, tol=1e9, merge_radius=0.01,
-                     path_cell=0.0, device="cpu")
+                     path_cell=0.0, device="cpu", dtype="float64")
     assert res.n_iter == 1 and res.n_seeds == len(seeds)
     expected = one_step_means(pts, seeds, kernel, cutoff=3.0 if mode == "grid" else None)
     assert_modes_are(res.centres, expected, 0.01)
@@ -137,9 +138,9 @@ def test_one_step_equals_brute_force_kernel_mean(rng, cloud, seed_every, kernel,
 
 def test_hashed_dimensions_do_not_change_result(rng):
     pts = vessel_like(rng, n_tubes=3, n_per=100)
-    a = mean_shift(pts, 1.0, mode="grid", device="cpu")
-    b = mean_shift(pts, 1.0, mode="grid", grid_dims=[0, 1, 2, 3, 4], device="cpu")
-    c = mean_shift(pts, 1.0, mode="grid", grid_dims=[1], device="cpu")
+    a = mean_shift(pts, 1.0, mode="grid", device="cpu", dtype="float64")
+    b = mean_shift(pts, 1.0, mode="grid", grid_dims=[0, 1, 2, 3, 4], device="cpu", dtype="float64")
+    c = mean_shift(pts, 1.0, mode="grid", grid_dims=[1], device="cpu", dtype="float64")
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.labels, c.labels)
     np.testing.assert_allclose(a.centres, c.centres, atol=1e-9)
@@ -318,12 +319,14 @@ def test_bench_cli_writes_and_merges_json(tmp_path):
     runs = data["cpu"]["runs"]
     assert set(runs) == {"150", "whole_lung"}
     assert runs["whole_lung"]["n_points"] == len(pts)
-    for preset in ("accurate", "fast"):
+    for preset in ("default", "previous_default", "thinned", "fast"):
         assert 0.0 <= runs["150"][preset]["ari_vs_exact"] <= 1.0
         assert runs["150"][preset]["n_clusters"] >= 1
         assert runs["150"][preset]["settings"] == bench_cluster.PRESETS[preset]
-    assert runs["150"]["accurate"]["n_seeds"] == 150  # every point seeds
+    assert runs["150"]["previous_default"]["n_seeds"] == runs["150"]["default"]["n_seeds"] == 150
+    assert runs["150"]["thinned"]["n_seeds"] < 150  # one seed per seed cell
     assert runs["150"]["fast"]["n_seeds"] < 150  # bin seeding
+    assert runs["150"]["default"]["speedup_vs_previous_default"] > 0
     assert "scan" not in data["cpu"]  # no scan timings for a given cloud
 
 

@@ -1,6 +1,7 @@
 """The coarse-to-fine grid mean shift (``coarse_cutoff``, opt-in): the seeds climb with
 the Gaussian cut short, and only their distinct end points climb on with the full cutoff.
-Checked against the exact engine, which stays the reference."""
+Checked against the exact engine, which stays the reference.  Coarse-to-fine is the
+opt-in way to the modes of a longer cut (``FINE``) than the default ``GRID_CUTOFF``."""
 import numpy as np
 import pytest
 import torch
@@ -9,6 +10,9 @@ from sklearn.metrics import adjusted_rand_score
 from stages import _meanshift
 from stages.cluster import COARSE_CUTOFF, mean_shift
 from synth.clouds import tubes_and_blobs
+
+#: The full cut and the seeds the coarse-to-fine tests climb with: every point.
+FINE = dict(cutoff=6.0, seed_cell=0)
 
 
 def tissue_like(rng, n_tubes=5, n_per=200):
@@ -20,7 +24,7 @@ def tissue_like(rng, n_tubes=5, n_per=200):
 def test_default_grid_agrees_with_exact_engine(rng):
     pts = tissue_like(rng)
     exact = mean_shift(pts, 1.0, mode="exact", device="cpu")
-    grid = mean_shift(pts, 1.0, mode="grid", coarse_cutoff=COARSE_CUTOFF, device="cpu")
+    grid = mean_shift(pts, 1.0, mode="grid", coarse_cutoff=COARSE_CUTOFF, device="cpu", **FINE)
     assert adjusted_rand_score(exact.labels, grid.labels) >= 0.99
     assert abs(len(grid.centres) - len(exact.centres)) <= max(1, len(exact.centres) // 50)
     near = np.linalg.norm(exact.centres[:, None] - grid.centres[None], axis=2).min(1)
@@ -41,14 +45,14 @@ def test_coarse_stage_hands_on_few_candidates_that_reach_every_mode(rng):
     # from the candidates, the full kernel reaches the exact engine's modes
     exact = mean_shift(pts, 1.0, mode="exact", device="cpu").centres - pts.mean(0)
     fine = mean_shift(pts - pts.mean(0), 1.0, mode="grid", seeds=cand.numpy(), coarse_cutoff=None,
-                      device="cpu").centres
+                      cutoff=6.0, device="cpu").centres
     assert np.linalg.norm(exact[:, None] - fine[None], axis=2).min(1).max() < 0.1
 
 
 def test_coarse_to_fine_is_deterministic(rng):
     pts = tissue_like(rng, n_tubes=3)
-    a = mean_shift(pts, 1.0, mode="grid", coarse_cutoff=COARSE_CUTOFF, device="cpu")
-    b = mean_shift(pts, 1.0, mode="grid", coarse_cutoff=COARSE_CUTOFF, device="cpu")
+    a = mean_shift(pts, 1.0, mode="grid", coarse_cutoff=COARSE_CUTOFF, device="cpu", **FINE)
+    b = mean_shift(pts, 1.0, mode="grid", coarse_cutoff=COARSE_CUTOFF, device="cpu", **FINE)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.centres, b.centres)
 
