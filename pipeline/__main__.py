@@ -165,10 +165,6 @@ def parse_settings(items: list[str]) -> dict:
     return overrides
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Screen the scans the parsed ``run`` options name; print one line per failed scan.
 
@@ -181,6 +177,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     failed, 2 bad usage, config or input, 3 the output folder is full or read-only (the run
     stops; a rerun resumes), 130 interrupted.
     """
+    from pipeline import batch
     from pipeline.batch import OutputFull, discover_scans, run_many
     from pipeline.config import load_config
     from pipeline.progress import DEFAULT_MODE
@@ -212,8 +209,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"error: {source}: no scans found", file=sys.stderr)
         return 2
     progress = "quiet" if args.quiet else "log" if args.no_progress else DEFAULT_MODE
-    previous = signal.signal(signal.SIGTERM, _terminate)  # a batch job's kill: as Ctrl-C
-    try:
+    batch._INTERRUPT_PENDING = False
+    previous = {sig: signal.signal(sig, batch.interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, batch._ignore_stop_in_finalizers
+    try:  # a batch job's kill (SIGTERM) stops the run as Ctrl-C does
         results = run_many(scans, args.out, config, workers=args.workers, force=args.force,
                            executor=args.executor, scheduler=args.scheduler, pictures=args.pictures,
                            progress=progress, cache=args.cache, save_ct=args.save_ct, device=args.device,
@@ -232,7 +231,9 @@ def run_from_args(args: argparse.Namespace) -> int:
               "resume", file=sys.stderr)
         return OUTPUT_FULL
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = previous_hook
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.source}: {r.error}", file=sys.stderr)

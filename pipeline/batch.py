@@ -316,6 +316,23 @@ class _WorkerStopped(BaseException):
 
 _IN_SCAN = False  # a pool worker is inside _one
 _STOP_REQUESTED = False  # SIGTERM came: kept, since the raise may land where Python drops it
+_INTERRUPT_PENDING = False  # Ctrl-C or SIGTERM came to the run's own process: kept, as above
+
+
+def interrupt(signum, frame):
+    """The run's Ctrl-C and SIGTERM handler (``lungscreen run``): raise KeyboardInterrupt and
+    remember the stop, since a raise inside a finalizer (a weakref callback run by the
+    garbage collector) is dropped by Python; the scan loop raises it again before the next
+    scan and after the last (:func:`_check_interrupt`)."""
+    global _INTERRUPT_PENDING
+    _INTERRUPT_PENDING = True
+    raise KeyboardInterrupt
+
+
+def _check_interrupt() -> None:
+    """Raise the Ctrl-C that :func:`interrupt` took, if a finalizer dropped its raise."""
+    if _INTERRUPT_PENDING:
+        raise KeyboardInterrupt
 
 
 def _stop_worker(signum, frame):
@@ -327,10 +344,11 @@ def _stop_worker(signum, frame):
 
 
 def _ignore_stop_in_finalizers(unraisable, _default=sys.unraisablehook) -> None:
-    """sys.unraisablehook of a pool worker: a :class:`_WorkerStopped` raised inside a
-    finalizer (a weakref callback run by the garbage collector) is dropped by Python, which
-    would print its traceback; the stop is remembered in ``_STOP_REQUESTED`` instead."""
-    if not isinstance(unraisable.exc_value, _WorkerStopped):
+    """sys.unraisablehook of a pool worker and of the run: a :class:`_WorkerStopped` or a
+    KeyboardInterrupt raised inside a finalizer (a weakref callback run by the garbage
+    collector) is dropped by Python, which would print its traceback; the stop is remembered
+    in ``_STOP_REQUESTED`` or ``_INTERRUPT_PENDING`` instead."""
+    if not isinstance(unraisable.exc_value, (_WorkerStopped, KeyboardInterrupt)):
         _default(unraisable)
 
 
@@ -540,7 +558,9 @@ def _execute(args, options, config, executor, scheduler, workers, gpu_from, devi
                     raise
     else:
         for a in args:
+            _check_interrupt()
             collect(_one(*a, **options, reporter=reporter))
+    _check_interrupt()
 
 
 def write_run_files(out_dir: Path, results: list[ScanResult], config: dict, **run_info) -> None:

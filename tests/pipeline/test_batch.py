@@ -443,3 +443,31 @@ def test_a_worker_stop_dropped_by_a_finalizer_is_silent_and_remembered(monkeypat
     ref = weakref.ref(other, lambda _ref: 1 / 0)
     del other  # any other dropped exception still reaches the default hook
     assert [type(u.exc_value) for u in printed] == [ZeroDivisionError]
+
+
+def test_a_ctrl_c_dropped_by_a_finalizer_is_silent_and_stops_the_next_scan(monkeypatch):
+    """The run's own Ctrl-C (the ctrl-c test once ended with status 0): KeyboardInterrupt
+    raised inside a weakref callback is dropped by Python, so the run keeps the stop in
+    _INTERRUPT_PENDING and its loop raises it before the next scan, silently."""
+    import weakref
+
+    from pipeline import batch
+
+    monkeypatch.setattr(batch, "_INTERRUPT_PENDING", False)
+    monkeypatch.setattr(sys, "unraisablehook", batch._ignore_stop_in_finalizers)
+    printed = []
+    monkeypatch.setattr(batch._ignore_stop_in_finalizers, "__defaults__", (printed.append,))
+    screened = []
+    monkeypatch.setattr(batch, "_one", lambda *a, **k: screened.append(a[0]) or a[0])
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, lambda _ref: batch.interrupt(signal.SIGINT, None))
+    del thing  # the callback runs here; its KeyboardInterrupt cannot propagate
+    assert ref() is None and batch._INTERRUPT_PENDING and printed == []
+    with pytest.raises(KeyboardInterrupt):
+        batch._execute([("a",), ("b",)], {}, {}, "local", None, 1, None, None, lambda r: None,
+                       None, None)
+    assert screened == []  # no scan started after the stop
