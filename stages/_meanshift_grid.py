@@ -3,13 +3,18 @@
 Points are sorted by the id of a grid cell of side ``reach / per_reach`` (bandwidths); the
 neighbour cells of a cell, those within the kernel's reach (a ball of cells), are a few
 rows of cells, each a contiguous index range of the sorted points (``searchsorted``).
-Once per grid, the sorted points are cut into tiles of consecutive points within a row,
-stored ready for the kernel's matrix products.  Each call sorts the seeds by cell too: the
-seeds around a point tile are then a few contiguous runs of them, cut into seed tiles, and
-every (point tile, seed tile) block is solved as a small dense problem with batched matrix
-products.  Per block only the seeds are gathered, so the gathering is small next to the
-``TS x TC`` kernel values.  Cost O(seeds x neighbours) per iteration instead of the exact
-engine's O(seeds x N).
+Once per grid, the sorted points are cut into tiles of consecutive points within a row;
+each call sorts the seeds by cell too and cuts them the same way.  The (seed, point) pairs
+are then computed in small dense blocks with batched matrix products, in one of two
+layouts, the cheaper for the call's seeds:
+
+* seed-major: a tile of seeds meets the point tiles of its neighbour rows (contiguous
+  runs of them), several at a time; best with many seeds, e.g. every point a seed;
+* point-major: a point tile meets the seeds of its neighbour rows (contiguous runs of the
+  sorted seeds) gathered into tiles; best with few seeds spread out, as in the last
+  iterations of mean shift, where seed tiles would be mostly padding.
+
+Cost O(seeds x neighbours) per iteration instead of the exact engine's O(seeds x N).
 
 Everything is in bandwidth units (the points already divided by the bandwidth).
 """
@@ -22,13 +27,20 @@ from stages._cluster_dense import row_major_strides
 
 __all__ = ["Grid", "choose_grid_dims", "shift_grid", "radius_pairs", "TILE_SHAPES"]
 
-#: (seeds, points) shape ``TS x TC`` of the dense blocks per device type: one tile of
-#: ``TC`` grid points meets up to ``TS`` seeds.  On 2 CPU cores (1 thread, lung1 cloud of
-#: 309k points, 92k seeds) 64 x 32, 64 x 64 and 128 x 64 ran alike, 64 x 32 ran a 20k-point
-#: cloud fastest.  Not measured on a GPU.
+#: (seeds, points) ``TS x TC`` of the tiles per device type.  On 2 CPU cores (lung1 cloud
+#: of 309k points, every point a seed, seed-major) 64 x 32 ran as fast as 32 x 32,
+#: 128 x 32 and 64 x 16 (8 to 16 point tiles a block).  Not measured on a GPU.
 TILE_SHAPES = {"cpu": (64, 32), "cuda": (64, 32)}
-#: A point tile spans at most this many reaches along the last hashed dimension: a seed meets
-#: a tile if within reach of its span, and its coordinates stay near the tile's mean.
+#: Seed-major: point tiles a block holds, so a block's sums are one matrix product over
+#: ``BLOCK_TILES * TC`` points (its buffers stay in cache on the CPU).
+BLOCK_TILES = {"cpu": 8, "cuda": 8}
+#: Cost of a point-major (seed, point) pair relative to a seed-major one: :func:`shift_grid`
+#: takes the layout with the lesser cost.  2 CPU cores, lung1 cloud, random seeds: 1.05 ns
+#: a seed-major pair, 2.7-3.7 ns a point-major one, from every point a seed to 0.3 % of
+#: them.  Not measured on a GPU.
+POINT_MAJOR_COST = {"cpu": 3.0, "cuda": 3.0}
+#: A tile spans at most this many reaches along the last hashed dimension: the neighbours
+#: of a tile are those of its span, and its coordinates stay near the tile's mean.
 TILE_REACHES = 4
 #: Hashed grid dimensions are chosen among those spanning at least this many cells.
 MIN_CELLS_TO_HASH = 3
@@ -183,31 +195,63 @@ def expand_pairs(start, end):
     return torch.div(seg, n_r, rounding_mode="floor"), point
 
 
-class _PointTiles(NamedTuple):
-    """The grid's points cut into tiles, augmented for the kernel's matrix products.
+def _cut_tiles(grid, ids, size):
+    """Cut a sequence of cell ids sorted as the grid's into tiles of at most ``size``
+    consecutive entries of one grid row (cells differing only along the last hashed
+    dimension), a new tile starting every :data:`TILE_REACHES` reaches along that row.
 
-    The points of one grid row (cells differing only along the last hashed dimension, one
-    run of the sort order) are cut into tiles of ``TC`` points, a new tile starting every
-    :data:`TILE_REACHES` reaches along that dimension; only a run's last tile is padded.
+    Returns ``(slot, tile, n_tiles)``: each entry's row in the flat ``(n_tiles * size)``
+    tiles, its tile, and the number of tiles; only a run's last tile is padded.
+    """
+    import torch
+
+    n, dev = ids.numel(), ids.device
+    last = ids % grid.sizes[-1]
+    key = ids - last + torch.div(last, TILE_REACHES * grid.m, rounding_mode="floor")
+    _, count = torch.unique_consecutive(key, return_counts=True)
+    n_tiles = (count + size - 1) // size
+    run = torch.repeat_interleave(torch.arange(count.numel(), device=dev), count, output_size=n)
+    rank = torch.arange(n, device=dev) - (torch.cumsum(count, 0) - count)[run]
+    slot = (torch.cumsum(n_tiles, 0) - n_tiles)[run] * size + rank
+    return slot, torch.div(slot, size, rounding_mode="floor"), int(n_tiles.sum())
+
+
+def _tile_ends(ids, tile, n_tiles):
+    """Cell ids of the first and last entry of each tile (entries in the sort order)."""
+    import torch
+
+    idx = torch.arange(ids.numel(), device=ids.device)
+    first = torch.full((n_tiles,), ids.numel(), dtype=torch.long, device=ids.device)
+    final = torch.zeros(n_tiles, dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, tile, idx, reduce="amin")
+    final.scatter_reduce_(0, tile, idx, reduce="amax")
+    return ids[first], ids[final]
+
+
+class _PointTiles(NamedTuple):
+    """The grid's points cut into tiles of ``TC`` (:func:`_cut_tiles`), one all-padding
+    tile last, stored ready for the kernel's matrix products in either layout.
 
     Attributes
     ----------
-    aug : (T, TC, D + 2) torch.Tensor
-        ``[c - ref, 1, -|c - ref|^2 / 2]`` (bandwidths) of the tile's points ``c``,
-        relative to its mean ``ref`` (float32 keeps the exponent to about 1e-5); padding
-        rows are 0 but for ``-inf`` in the last column (weight 0).
-    rhs : (T, D + 1, TC) torch.Tensor
-        ``mass * [c, 1]`` transposed (0 on padding): its product with a block's weights
-        gives the numerators and denominators.
-    ref : (T, D) torch.Tensor
+    pts : (T + 1, TC, D) torch.Tensor
+        Point coordinates (bandwidths); 0 on padding.
+    rhs : (T + 1, TC, D + 1) torch.Tensor
+        ``mass * [c, 1]`` of each point ``c``: its product with a block's weights gives the
+        numerators and denominators; 0 on padding, so padding weighs nothing wherever it is.
+    ref : (T + 1, D) torch.Tensor
         Each tile's mean (bandwidths).
+    aug : (T + 1, TC, D + 2) torch.Tensor
+        ``[c - ref, 1, -|c - ref|^2 / 2]``, for the point-major layout; padding rows are 0
+        but for ``-inf`` in the last column.
     cell_lo, cell_hi : (T,) int64 torch.Tensor
-        Cell ids of each tile's first and last point (one grid row).
+        Cell ids of each tile's first and last point (one grid row), non-decreasing.
     """
 
-    aug: object
+    pts: object
     rhs: object
     ref: object
+    aug: object
     cell_lo: object
     cell_hi: object
 
@@ -220,45 +264,158 @@ def _point_tiles(grid):
     if tiles is not None:
         return tiles
     pts, dev = grid.pts, grid.pts.device
-    n_pts, n_d = pts.shape
-    # runs of points sharing a row and a span of TILE_REACHES reaches along the last hashed
-    # dimension (stride 1, ids in the sort order)
-    last = grid.ids % grid.sizes[-1]
-    key = grid.ids - last + torch.div(last, TILE_REACHES * grid.m, rounding_mode="floor")
-    _, count = torch.unique_consecutive(key, return_counts=True)
+    n_d = pts.shape[1]
     tc = TILE_SHAPES["cuda" if dev.type == "cuda" else "cpu"][1]
-    n_tiles = (count + tc - 1) // tc
-    run = torch.repeat_interleave(torch.arange(count.numel(), device=dev), count,
-                                  output_size=n_pts)
-    rank = torch.arange(n_pts, device=dev) - (torch.cumsum(count, 0) - count)[run]
-    slot = (torch.cumsum(n_tiles, 0) - n_tiles)[run] * tc + rank   # row in the flat tiles
-    tile = torch.div(slot, tc, rounding_mode="floor")
-    n_t = int(n_tiles.sum())
-    ones = torch.ones(n_pts, 1, dtype=pts.dtype, device=dev)
-    size = torch.zeros(n_t, 1, dtype=pts.dtype, device=dev).index_add_(0, tile, ones)
-    ref = torch.zeros(n_t, n_d, dtype=pts.dtype, device=dev).index_add_(0, tile, pts) / size
+    slot, tile, n_t = _cut_tiles(grid, grid.ids, tc)
+    ones = torch.ones(pts.shape[0], 1, dtype=pts.dtype, device=dev)
+    ref = _tile_means(pts, tile, n_t + 1)
     rel = pts - ref[tile]
-    aug = torch.zeros(n_t * tc, n_d + 2, dtype=pts.dtype, device=dev)
+    flat = torch.zeros((n_t + 1) * tc, n_d, dtype=pts.dtype, device=dev)
+    flat[slot] = pts
+    aug = torch.zeros((n_t + 1) * tc, n_d + 2, dtype=pts.dtype, device=dev)
     aug[:, n_d + 1] = -math.inf                                    # padding: weight 0
     aug[slot] = torch.cat([rel, ones, -0.5 * (rel * rel).sum(1, keepdim=True)], 1)
-    rhs = torch.zeros(n_t * tc, n_d + 1, dtype=pts.dtype, device=dev)
+    rhs = torch.zeros((n_t + 1) * tc, n_d + 1, dtype=pts.dtype, device=dev)
     rhs[slot] = torch.cat([pts, ones], 1)
     if grid.mass is not None:
         rhs[slot] *= grid.mass[:, None].to(pts.dtype)
-    idx = torch.arange(n_pts, device=dev)
-    first = torch.full((n_t,), n_pts, dtype=torch.long, device=dev).scatter_reduce_(
-        0, tile, idx, reduce="amin")
-    final = torch.zeros(n_t, dtype=torch.long, device=dev).scatter_reduce_(
-        0, tile, idx, reduce="amax")
-    grid._tiles = _PointTiles(aug.reshape(n_t, tc, n_d + 2),
-                              rhs.reshape(n_t, tc, n_d + 1).transpose(1, 2).contiguous(),
-                              ref, grid.ids[first], grid.ids[final])
+    lo, hi = _tile_ends(grid.ids, tile, n_t)
+    grid._tiles = _PointTiles(flat.reshape(n_t + 1, tc, n_d), rhs.reshape(n_t + 1, tc, n_d + 1),
+                              ref, aug.reshape(n_t + 1, tc, n_d + 2), lo, hi)
     return grid._tiles
 
 
-def _tile_seeds(grid, tiles, s_cell):
-    """(T, R) start and end indices, into the seeds sorted by cell id (``s_cell``: their
-    sorted cell ids), of the seeds around each point tile.
+def _tile_means(x, tile, n_tiles):
+    """(n_tiles, D) mean of the rows of ``x`` in each tile (0 for an empty tile)."""
+    import torch
+
+    size = torch.zeros(n_tiles, 1, dtype=x.dtype, device=x.device)
+    size.index_add_(0, tile, torch.ones_like(x[:, :1]))
+    total = torch.zeros(n_tiles, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, tile, x)
+    return total / size.clamp(min=1)
+
+
+def _seed_tiles(s_cell, spos, slot, tile, n_t, ts):
+    """Seed-major layout: the seeds (sorted by cell) in tiles of ``ts``, as columns
+    ``[s - ref, 1, -|s - ref|^2 / 2]`` relative to each tile's mean ``ref``.
+
+    Returns ``ref`` (n_t, D) and ``col`` (n_t, D + 2, ts), 0 on padding.
+    """
+    import torch
+
+    n_d = spos.shape[1]
+    ref = _tile_means(spos, tile, n_t)
+    rel = spos - ref[tile]
+    col = torch.zeros(n_t * ts, n_d + 2, dtype=spos.dtype, device=spos.device)
+    col[slot] = torch.cat([rel, torch.ones_like(rel[:, :1]),
+                           -0.5 * (rel * rel).sum(1, keepdim=True)], 1)
+    return ref, col.reshape(n_t, ts, n_d + 2).transpose(1, 2).contiguous()
+
+
+def _point_runs(grid, tiles, cell_lo, cell_hi):
+    """(Q, R) start and end indices, into the point tiles, of those crossing the neighbour
+    cells of each span ``[cell_lo, cell_hi]`` of one grid row.
+
+    A cell's neighbour cells lie in the neighbour rows of its cell (``grid.offsets``), within
+    ``m`` cells of it along the row, so the point tiles a span meets in neighbour row ``o``
+    are those crossing ``[cell_lo + o - m, cell_hi + o + m]``: one contiguous run of the
+    point tiles (sorted, each in one row), and no point tile falls in two runs.
+    """
+    import torch
+
+    n_q = cell_lo.numel()
+    lo = (cell_lo[:, None] + grid.offsets[None, :] - grid.m).reshape(-1)
+    hi = (cell_hi[:, None] + grid.offsets[None, :] + grid.m).reshape(-1)
+    first = torch.searchsorted(tiles.cell_hi, lo, right=False).reshape(n_q, -1)
+    end = torch.searchsorted(tiles.cell_lo, hi, right=True).reshape(n_q, -1)
+    return first, end
+
+
+def _seed_major_blocks(first, end, group, pad_tile):
+    """Seed-major blocks: each seed tile's runs of point tiles (:func:`_point_runs`) laid
+    end to end and cut into groups of ``group``, the last one padded with ``pad_tile``.
+
+    Returns ``blk_seed`` (B,), the seed tile of each block (non-decreasing), and
+    ``blk_pts`` (B, group), its point tiles.
+    """
+    import torch
+
+    dev = first.device
+    st, pt = expand_pairs(first, end)                        # by seed tile
+    cnt = (end - first).clamp(min=0).sum(1)
+    n_blk = (cnt + group - 1) // group
+    total = int(n_blk.sum())
+    rank = torch.arange(pt.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt)[st]
+    blk_pts = torch.full((total * group,), pad_tile, dtype=torch.long, device=dev)
+    blk_pts[((torch.cumsum(n_blk, 0) - n_blk) * group)[st] + rank] = pt
+    blk_seed = torch.repeat_interleave(torch.arange(first.shape[0], device=dev), n_blk,
+                                       output_size=total)
+    return blk_seed, blk_pts.reshape(-1, group)
+
+
+def _seed_major_sums(tiles, ref, col, blk_seed, blk_pts, kernel, reach2, aug, expo, out):
+    """Kernel-weighted sums of each seed-major block's points for its seed tile: ``out``
+    (B, D + 1, TS), the numerators then the denominators.
+
+    The exponent ``-d^2 / 2`` of every (point, seed) pair is one product of the points'
+    ``[c, -|c|^2 / 2, 1]`` with the seeds' ``[s, 1, -|s|^2 / 2]`` (``col``), both relative to
+    the seed tile's mean ``ref``, and the sums one product of the points' ``mass * [c, 1]``
+    with the weights.  ``aug`` (B, P, D + 2) and ``expo`` (B, P, TS) are work buffers (``P``
+    points a block), the last column of ``aug`` already 1.
+    """
+    import torch
+
+    n_b, n_p = blk_pts.shape[0], aug.shape[1]
+    n_d = tiles.pts.shape[2]
+    flat = blk_pts.reshape(-1)
+    rel = aug[:, :, :n_d]
+    torch.sub(tiles.pts.index_select(0, flat).reshape(n_b, n_p, n_d),
+              ref.index_select(0, blk_seed)[:, None, :], out=rel)
+    torch.sum(rel * rel, 2, out=aug[:, :, n_d]).mul_(-0.5)
+    w = _weights(torch.bmm(aug, col.index_select(0, blk_seed), out=expo), kernel, reach2)
+    rhs = tiles.rhs.index_select(0, flat).reshape(n_b, n_p, n_d + 1)
+    return torch.bmm(rhs.transpose(1, 2), w, out=out)
+
+
+def _weights(expo, kernel, reach2):
+    """The kernel's weights from the exponents ``-d^2 / 2``, in place."""
+    import torch
+    import torch.nn.functional as F
+
+    if kernel == "flat":
+        return expo.ge_(-0.5)
+    # The cut in three cheap passes: exp is several times slower on -inf or underflowing
+    # arguments, so pairs beyond reach (and padding) get exp(cut - 1), then 0.
+    cut = -0.5 * reach2
+    return F.threshold_(torch.exp_(F.threshold_(expo, cut, cut - 1.0)), 0.5 * math.exp(cut), 0.0)
+
+
+def _shift_seed_major(tiles, s_cell, spos, cut_seeds, first, end, kernel, reach2, budget, group):
+    """Sums of the seeds (sorted by cell) in the seed-major layout: (S, D + 1)."""
+    import torch
+
+    slot, tile, n_st, ts = cut_seeds
+    n_d, dev, dt = spos.shape[1], spos.device, spos.dtype
+    ref, col = _seed_tiles(s_cell, spos, slot, tile, n_st, ts)
+    blk_seed, blk_pts = _seed_major_blocks(first, end, group, tiles.cell_lo.numel())
+    n_p = group * tiles.pts.shape[1]
+    sums = torch.zeros(n_st, n_d + 1, ts, dtype=dt, device=dev)
+    step = max(1, budget // (n_p * ts))
+    width = min(step, blk_seed.numel())
+    aug = torch.ones(width, n_p, n_d + 2, dtype=dt, device=dev)
+    expo = torch.empty(width, n_p, ts, dtype=dt, device=dev)
+    out = torch.empty(width, n_d + 1, ts, dtype=dt, device=dev)
+    for a in range(0, blk_seed.numel(), step):
+        b = min(a + step, blk_seed.numel())
+        part = _seed_major_sums(tiles, ref, col, blk_seed[a:b], blk_pts[a:b], kernel, reach2,
+                                aug[:b - a], expo[:b - a], out[:b - a])
+        sums.index_add_(0, blk_seed[a:b], part)
+    return sums.transpose(1, 2).reshape(-1, n_d + 1)[slot]
+
+
+def _point_seed_runs(grid, tiles, s_cell):
+    """Point-major layout: (T, R) start and end indices, into the seeds sorted by cell id
+    (``s_cell``), of the seeds around each point tile.
 
     The neighbourhood is symmetric: a seed's neighbour cells hold a point's cell exactly
     when the point's hold the seed's.  So the seeds that need a tile are those of its
@@ -276,56 +433,68 @@ def _tile_seeds(grid, tiles, s_cell):
     return start.reshape(n_t, -1), end.reshape(n_t, -1)
 
 
-def _block_sums(tiles, spos, blk_tile, seeds, kernel, reach2):
-    """Kernel-weighted sums of each block's point tile for its seeds: (B, TS, D + 1),
-    the numerators then the denominators.
+def _point_major_sums(tiles, spos, blk_tile, seeds, kernel, reach2):
+    """Kernel-weighted sums of each point-major block's point tile for its seeds:
+    (B, TS, D + 1), the numerators then the denominators.
 
-    Two batched matrix products per block instead of a chain of elementwise passes: the
-    exponent ``-d^2 / 2`` of every (point, seed) pair is one product of the tile's
-    ``[c, 1, -|c|^2 / 2]`` (padding points: ``-inf``, weight 0) with the seeds
-    ``[s, -|s|^2 / 2, 1]``, both relative to the tile's mean, and the sums are one
-    product of the tile's ``mass * [c, 1]`` with the weights.
-
-    Parameters
-    ----------
-    tiles : _PointTiles
-    spos : (S + 1, D) torch.Tensor
-        Seed positions (bandwidths), sorted by cell, then a padding row.
-    blk_tile : (B,) int64 torch.Tensor
-        The point tile of each block.
-    seeds : (B, TS) int64 torch.Tensor
-        Its seeds, rows of ``spos``.
-    kernel : {"gaussian", "flat"}
-    reach2 : float
-        Squared reach (squared bandwidths).
+    The exponent of every pair is one product of the tile's ``[c, 1, -|c|^2 / 2]`` with
+    the seeds' ``[s, -|s|^2 / 2, 1]``, both relative to the tile's mean; ``seeds`` (B, TS)
+    are rows of ``spos`` (S + 1, D), its last row padding.
     """
     import torch
-    import torch.nn.functional as F
 
     n_b, n_ts = seeds.shape
     ref = tiles.ref.index_select(0, blk_tile)[:, None, :]                       # (B, 1, D)
     sp = spos.index_select(0, seeds.reshape(-1)).reshape(n_b, n_ts, -1) - ref   # (B, TS, D)
     seed = torch.cat([sp, -0.5 * (sp * sp).sum(2, keepdim=True), torch.ones_like(sp[:, :, :1])], 2)
-    expo = torch.bmm(tiles.aug.index_select(0, blk_tile), seed.transpose(1, 2))  # (B, TC, TS)
-    if kernel == "flat":
-        w = (expo >= -0.5).to(spos.dtype)
-    else:
-        # The cut in three cheap passes: exp is several times slower on -inf or underflowing
-        # arguments, so pairs beyond reach (and padding) get exp(cut - 1), then 0.
-        cut = -0.5 * reach2
-        w = torch.exp_(F.threshold_(expo, cut, cut - 1.0))
-        w = F.threshold_(w, 0.5 * math.exp(cut), 0.0)
-    return torch.bmm(tiles.rhs.index_select(0, blk_tile), w).transpose(1, 2)
+    w = _weights(torch.bmm(tiles.aug.index_select(0, blk_tile), seed.transpose(1, 2)),
+                 kernel, reach2)                                                 # (B, TC, TS)
+    return torch.bmm(w.transpose(1, 2), tiles.rhs.index_select(0, blk_tile))
+
+
+def _shift_point_major(tiles, spos, start, end, kernel, reach2, budget, ts):
+    """Sums of the seeds (sorted by cell) in the point-major layout: (S, D + 1)."""
+    import torch
+
+    n_s, n_d = spos.shape
+    dev, tc = spos.device, tiles.pts.shape[1]
+    spos = torch.cat([spos, torch.zeros(1, n_d, dtype=spos.dtype, device=dev)])  # padding row
+    n_seed = (end - start).clamp(min=0).sum(1)                   # seeds around each tile
+    n_blk = (n_seed + ts - 1) // ts
+    sums = torch.zeros(n_s + 1, n_d + 1, dtype=spos.dtype, device=dev)  # row n_s: padding
+    for a, b in chunks_by_cost(n_blk, max(1, budget // (ts * tc))):
+        blk = n_blk[a:b]
+        n_b = int(blk.sum())
+        if n_b == 0:
+            continue
+        t_loc, sidx = expand_pairs(start[a:b], end[a:b])          # (tile, seed), by tile
+        cnt = n_seed[a:b]
+        rank = torch.arange(sidx.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt)[t_loc]
+        seeds = torch.full((n_b * ts,), n_s, dtype=torch.long, device=dev)  # n_s: padding
+        seeds[((torch.cumsum(blk, 0) - blk) * ts)[t_loc] + rank] = sidx
+        seeds = seeds.reshape(n_b, ts)
+        blk_tile = torch.repeat_interleave(torch.arange(a, b, device=dev), blk, output_size=n_b)
+        part = _point_major_sums(tiles, spos, blk_tile, seeds, kernel, reach2)
+        sums.index_add_(0, seeds.reshape(-1), part.reshape(-1, n_d + 1))
+    return sums[:n_s]
 
 
 def shift_grid(grid, pos, *, kernel, reach2, budget):
     """Kernel-weighted sums of the grid points around each position: (numerator, denominator).
 
-    The grid's points are cut into tiles (:func:`_point_tiles`, once per grid); the seeds
-    around each tile (:func:`_tile_seeds`) are cut into tiles of ``TS``, and every (point
-    tile, seed tile) block is one small dense problem (:func:`_block_sums`), gathering
-    ``TS`` seeds for ``TS x TC`` pairs.  A seed meets each tile of its neighbour cells
-    once, and the kernel is cut at ``reach2`` by distance.
+    The grid's points are cut into tiles once per grid (:func:`_point_tiles`) and the
+    positions, sorted by cell, into seed tiles each call.  The pairs are computed in dense
+    blocks in one of two layouts, the one with fewer (seed, point) pairs to compute, padding
+    included, where the point-major pairs count ``POINT_MAJOR_COST`` times:
+
+    * seed-major (many seeds, e.g. every point a seed): each seed tile meets the point tiles
+      of its neighbour cells ``BLOCK_TILES`` at a time; a block's sums add into its seed
+      tile's, one row of ``(D + 1) x TS`` values.
+    * point-major (few seeds, spread out, as in the last iterations): each point tile meets
+      the seeds of its neighbour cells, gathered into tiles of ``TS``; a block's sums add
+      into each seed's row.
+
+    The kernel is cut at ``reach2`` by distance.
 
     Parameters
     ----------
@@ -335,8 +504,7 @@ def shift_grid(grid, pos, *, kernel, reach2, budget):
         Seed positions (bandwidths).
     kernel : {"gaussian", "flat"}
     reach2 : float
-        Squared reach (squared bandwidths): the Gaussian is cut there (at the grid's reach
-        if None).
+        Squared reach (squared bandwidths): the Gaussian is cut there.
     budget : int
         Most (seed, point) pairs, padding included, computed at once.
 
@@ -350,35 +518,34 @@ def shift_grid(grid, pos, *, kernel, reach2, budget):
     import torch
 
     n_s, n_d = pos.shape
-    dev = pos.device
-    if reach2 is None:
-        reach2 = (grid.cell * grid.m) ** 2
+    if n_s == 0:
+        return pos.new_zeros(0, n_d), pos.new_zeros(0)
+    kind = "cuda" if pos.device.type == "cuda" else "cpu"
+    ts, tc = TILE_SHAPES[kind]
+    group = BLOCK_TILES[kind]
     tiles = _point_tiles(grid)
-    ts, tc = TILE_SHAPES["cuda" if dev.type == "cuda" else "cpu"][0], tiles.aug.shape[1]
-    cell = grid.cell_ids(pos)
-    s_cell, s_order = torch.sort(cell, stable=True)
-    spos = torch.cat([pos[s_order], torch.zeros(1, n_d, dtype=pos.dtype, device=dev)])
-    start, end = _tile_seeds(grid, tiles, s_cell)
-    n_seed = (end - start).clamp(min=0).sum(1)                   # seeds around each tile
-    n_blk = (n_seed + ts - 1) // ts
-    sums = torch.zeros(n_s + 1, n_d + 1, dtype=pos.dtype, device=dev)  # row n_s: padding
-    for a, b in chunks_by_cost(n_blk, max(1, budget // (ts * tc))):
-        blk = n_blk[a:b]
-        n_b = int(blk.sum())
-        if n_b == 0:
-            continue
-        t_loc, sidx = expand_pairs(start[a:b], end[a:b])          # (tile, seed), by tile
-        cnt = n_seed[a:b]
-        rank = torch.arange(sidx.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt)[t_loc]
-        seeds = torch.full((n_b * ts,), n_s, dtype=torch.long, device=dev)  # n_s: padding
-        seeds[((torch.cumsum(blk, 0) - blk) * ts)[t_loc] + rank] = sidx
-        seeds = seeds.reshape(n_b, ts)
-        blk_tile = torch.repeat_interleave(torch.arange(a, b, device=dev), blk, output_size=n_b)
-        part = _block_sums(tiles, spos, blk_tile, seeds, kernel, reach2)
-        sums.index_add_(0, seeds.reshape(-1), part.reshape(-1, n_d + 1))
-    out = torch.empty(n_s, n_d + 1, dtype=pos.dtype, device=dev)
-    out[s_order] = sums[:n_s]
-    return out[:, :n_d], out[:, n_d]
+    s_cell, order = torch.sort(grid.cell_ids(pos), stable=True)
+    spos = pos[order]
+    slot, tile, n_st = _cut_tiles(grid, s_cell, ts)
+    first, end = _point_runs(grid, tiles, *_tile_ends(s_cell, tile, n_st))
+    p_start, p_end = _point_seed_runs(grid, tiles, s_cell)
+    seed_major = _padded(end - first, group) * tc * ts       # pairs computed, padding included
+    point_major = _padded(p_end - p_start, ts) * tc
+    if seed_major <= POINT_MAJOR_COST[kind] * point_major:
+        sums = _shift_seed_major(tiles, s_cell, spos, (slot, tile, n_st, ts), first, end,
+                                 kernel, reach2, budget, group)
+    else:
+        sums = _shift_point_major(tiles, spos, p_start, p_end, kernel, reach2, budget, ts)
+    res = torch.empty(n_s, n_d + 1, dtype=pos.dtype, device=pos.device)
+    res[order] = sums
+    return res[:, :n_d], res[:, n_d]
+
+
+def _padded(length, size):
+    """Entries of the (Q, R) runs of ``length`` laid end to end per row and padded to a
+    multiple of ``size``, summed over the rows."""
+    total = length.clamp(min=0).sum(1)
+    return int(((total + size - 1) // size).sum()) * size
 
 
 def radius_pairs(pts, radius, budget):

@@ -13,15 +13,16 @@ Mean shift has two engines.
     bounded; the Gaussian kernel is not truncated.  Cost O(seeds x N) per iteration.
 ``mode="grid"``
     Points are sorted by the id of a grid cell of side ``cutoff / cells_per_reach``
-    bandwidths and cut once into tiles of consecutive points; the seeds around a tile (the
-    cells within the kernel's reach, a ball of cells) are contiguous runs of the seeds sorted
-    the same way, and every (point tile, seed tile) block is solved as a small dense problem
-    with batched matrix products, the Gaussian cut at ``cutoff`` bandwidths.  Four further
-    savings: path merging (a seed that stops in a small cell another seed has stopped in
-    follows that seed, after Carreira-Perpinan's spatial discretisation, CVPR 2006),
-    optional bin seeding (scikit-learn's: seeds at the occupied bins of one bandwidth),
-    optional seed thinning (one data point per occupied cell of ``seed_cell``), optional
-    binned points (the kernel summed over bin means weighted by their counts).
+    bandwidths and cut once into tiles of consecutive points, the seeds each iteration the
+    same way; the neighbours of a tile of either kind (the cells within the kernel's reach,
+    a ball of cells) are contiguous runs of the other kind, and every (seed tile, point
+    tiles) block (many seeds) or (point tile, seeds) block (few seeds) is solved as a small
+    dense problem with batched matrix products, the Gaussian cut at ``cutoff`` bandwidths.
+    Four further savings: path merging (a seed that stops in a small cell another seed has
+    stopped in follows that seed, after Carreira-Perpinan's spatial discretisation, CVPR
+    2006), optional bin seeding (scikit-learn's: seeds at the occupied bins of one
+    bandwidth), optional seed thinning (one data point per occupied cell of ``seed_cell``),
+    optional binned points (the kernel summed over bin means weighted by their counts).
     Cost O(seeds x neighbours) per iteration.  With ``coarse_cutoff`` (opt-in) it runs
     coarse-to-fine: every seed climbs with the Gaussian cut at ``coarse_cutoff`` bandwidths,
     and only the distinct end points climb on with the full ``cutoff``, so the modes and

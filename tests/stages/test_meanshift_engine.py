@@ -4,10 +4,19 @@ import numpy as np
 import pytest
 import torch
 
+import stages._meanshift_grid as engine
 from stages._meanshift_grid import Grid, choose_grid_dims, shift_grid
 
 REACH = {"gaussian": 3.0, "flat": 1.0}   # the engine's reach of each kernel (bandwidths)
 RTOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+
+
+@pytest.fixture(params=["seed-major", "point-major"])
+def layout(request, monkeypatch):
+    """Force one of the engine's two block layouts (it picks the cheaper per call)."""
+    cost = {"seed-major": float("inf"), "point-major": 0.0}[request.param]
+    monkeypatch.setitem(engine.POINT_MAJOR_COST, "cpu", cost)
+    return request.param
 
 
 def cloud(rng, n_clusters=6, n_per=500, d=5):
@@ -57,7 +66,7 @@ def check(grid, pts, seeds, kernel, mass, dtype, budget=1 << 16):
 @pytest.mark.parametrize("per_reach", [1, 2])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("kernel", ["gaussian", "flat"])
-def test_sums_equal_brute_force(rng, kernel, weighted, per_reach, dtype):
+def test_sums_equal_brute_force(rng, kernel, weighted, per_reach, dtype, layout):
     pts = cloud(rng)
     mass = rng.uniform(0.5, 3.0, len(pts)) if weighted else None
     reach = REACH[kernel]
@@ -70,7 +79,7 @@ def test_sums_equal_brute_force(rng, kernel, weighted, per_reach, dtype):
 
 
 @pytest.mark.parametrize("dims", [(0,), (1, 3), (0, 1, 2, 3, 4)])
-def test_sums_equal_brute_force_on_any_hashed_dims(rng, dims):
+def test_sums_equal_brute_force_on_any_hashed_dims(rng, dims, layout):
     """One hashed dimension (a single row), two, all five; long sparse rows included."""
     pts = cloud(rng, n_clusters=3, n_per=400)
     x = torch.as_tensor(pts)
@@ -78,7 +87,7 @@ def test_sums_equal_brute_force_on_any_hashed_dims(rng, dims):
     check(grid, pts, seeds_for(rng, pts), "gaussian", None, torch.float64)
 
 
-def test_no_seeds_and_seeds_far_away(rng):
+def test_no_seeds_and_seeds_far_away(rng, layout):
     pts = cloud(rng, n_clusters=2, n_per=200)
     x = torch.as_tensor(pts)
     grid = Grid(x, 3.0, choose_grid_dims(x, 1.5), 2)
@@ -87,3 +96,21 @@ def test_no_seeds_and_seeds_far_away(rng):
     far = torch.full((3, 5), 1e3, dtype=x.dtype)
     num, den = shift_grid(grid, far, kernel="gaussian", reach2=9.0, budget=1 << 16)
     assert torch.all(num == 0) and torch.all(den == 0)
+
+
+def test_the_layout_follows_the_seeds_density(rng, monkeypatch):
+    """A dense cloud (voxels of a quarter bandwidth, as a CT's at 1 mm with 4 mm
+    bandwidths) with every point a seed: seed-major (the seed tiles are full); a few seeds
+    spread out: point-major (a seed tile would be mostly padding)."""
+    axis = np.arange(24) * 0.25
+    vox = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    x = torch.as_tensor(np.concatenate([vox, rng.normal(0.0, 0.5, (len(vox), 2))], 1))
+    grid = Grid(x, 3.0, choose_grid_dims(x, 1.5), 2)
+    used = []
+    for name in ("_shift_seed_major", "_shift_point_major"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(engine, name,
+                            lambda *a, _real=real, _n=name, **k: used.append(_n) or _real(*a, **k))
+    shift_grid(grid, x, kernel="gaussian", reach2=9.0, budget=1 << 20)
+    shift_grid(grid, x[::200], kernel="gaussian", reach2=9.0, budget=1 << 20)
+    assert used == ["_shift_seed_major", "_shift_point_major"]
