@@ -246,6 +246,8 @@ class _PointTiles(NamedTuple):
         but for ``-inf`` in the last column.
     cell_lo, cell_hi : (T,) int64 torch.Tensor
         Cell ids of each tile's first and last point (one grid row), non-decreasing.
+    box_lo, box_hi : (T + 1, D) torch.Tensor
+        Each tile's bounding box (bandwidths); the padding tile's is empty (``+inf``, ``-inf``).
     """
 
     pts: object
@@ -254,6 +256,8 @@ class _PointTiles(NamedTuple):
     aug: object
     cell_lo: object
     cell_hi: object
+    box_lo: object
+    box_hi: object
 
 
 def _point_tiles(grid):
@@ -281,8 +285,21 @@ def _point_tiles(grid):
         rhs[slot] *= grid.mass[:, None].to(pts.dtype)
     lo, hi = _tile_ends(grid.ids, tile, n_t)
     grid._tiles = _PointTiles(flat.reshape(n_t + 1, tc, n_d), rhs.reshape(n_t + 1, tc, n_d + 1),
-                              ref, aug.reshape(n_t + 1, tc, n_d + 2), lo, hi)
+                              ref, aug.reshape(n_t + 1, tc, n_d + 2), lo, hi,
+                              *_tile_boxes(pts, tile, n_t + 1))
     return grid._tiles
+
+
+def _tile_boxes(x, tile, n_tiles):
+    """(n_tiles, D) lower and upper corners of the bounding box of the rows of ``x`` in each
+    tile (``+inf`` and ``-inf`` for an empty tile)."""
+    import torch
+
+    idx = tile[:, None].expand(-1, x.shape[1])
+    lo = torch.full((n_tiles, x.shape[1]), math.inf, dtype=x.dtype, device=x.device)
+    hi = torch.full((n_tiles, x.shape[1]), -math.inf, dtype=x.dtype, device=x.device)
+    lo.scatter_reduce_(0, idx, x, reduce="amin")
+    return lo, hi.scatter_reduce_(0, idx, x, reduce="amax")
 
 
 def _tile_means(x, tile, n_tiles):
@@ -331,25 +348,33 @@ def _point_runs(grid, tiles, cell_lo, cell_hi):
     return first, end
 
 
-def _seed_major_blocks(first, end, group, pad_tile):
-    """Seed-major blocks: each seed tile's runs of point tiles (:func:`_point_runs`) laid
-    end to end and cut into groups of ``group``, the last one padded with ``pad_tile``.
+def _seed_major_pairs(tiles, seed_box, first, end, reach2):
+    """The (seed tile, point tile) pairs of the seed-major layout, by seed tile: each seed
+    tile's runs of point tiles (:func:`_point_runs`), less the point tiles whose bounding box
+    is beyond reach of the seed tile's (``seed_box``: lower and upper corners)."""
+    st, pt = expand_pairs(first, end)
+    gap = (tiles.box_lo[pt] - seed_box[1][st]).maximum(seed_box[0][st] - tiles.box_hi[pt])
+    near = (gap.clamp(min=0) ** 2).sum(1) <= reach2 * (1.0 + 1e-6)   # farther pairs weigh 0
+    return st[near], pt[near]
+
+
+def _seed_major_blocks(st, pt, n_st, group, pad_tile):
+    """Seed-major blocks: each seed tile's point tiles (``st``, ``pt``: pairs sorted by seed
+    tile) cut into groups of ``group``, the last one padded with ``pad_tile``.
 
     Returns ``blk_seed`` (B,), the seed tile of each block (non-decreasing), and
     ``blk_pts`` (B, group), its point tiles.
     """
     import torch
 
-    dev = first.device
-    st, pt = expand_pairs(first, end)                        # by seed tile
-    cnt = (end - first).clamp(min=0).sum(1)
+    dev = st.device
+    cnt = torch.bincount(st, minlength=n_st)
     n_blk = (cnt + group - 1) // group
     total = int(n_blk.sum())
     rank = torch.arange(pt.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt)[st]
     blk_pts = torch.full((total * group,), pad_tile, dtype=torch.long, device=dev)
     blk_pts[((torch.cumsum(n_blk, 0) - n_blk) * group)[st] + rank] = pt
-    blk_seed = torch.repeat_interleave(torch.arange(first.shape[0], device=dev), n_blk,
-                                       output_size=total)
+    blk_seed = torch.repeat_interleave(torch.arange(n_st, device=dev), n_blk, output_size=total)
     return blk_seed, blk_pts.reshape(-1, group)
 
 
@@ -390,14 +415,14 @@ def _weights(expo, kernel, reach2):
     return F.threshold_(torch.exp_(F.threshold_(expo, cut, cut - 1.0)), 0.5 * math.exp(cut), 0.0)
 
 
-def _shift_seed_major(tiles, s_cell, spos, cut_seeds, first, end, kernel, reach2, budget, group):
+def _shift_seed_major(tiles, s_cell, spos, cut_seeds, pairs, kernel, reach2, budget, group):
     """Sums of the seeds (sorted by cell) in the seed-major layout: (S, D + 1)."""
     import torch
 
     slot, tile, n_st, ts = cut_seeds
     n_d, dev, dt = spos.shape[1], spos.device, spos.dtype
     ref, col = _seed_tiles(s_cell, spos, slot, tile, n_st, ts)
-    blk_seed, blk_pts = _seed_major_blocks(first, end, group, tiles.cell_lo.numel())
+    blk_seed, blk_pts = _seed_major_blocks(*pairs, n_st, group, tiles.cell_lo.numel())
     n_p = group * tiles.pts.shape[1]
     sums = torch.zeros(n_st, n_d + 1, ts, dtype=dt, device=dev)
     step = max(1, budget // (n_p * ts))
@@ -527,12 +552,14 @@ def shift_grid(grid, pos, *, kernel, reach2, budget):
     s_cell, order = torch.sort(grid.cell_ids(pos), stable=True)
     spos = pos[order]
     slot, tile, n_st = _cut_tiles(grid, s_cell, ts)
-    first, end = _point_runs(grid, tiles, *_tile_ends(s_cell, tile, n_st))
+    pairs = _seed_major_pairs(tiles, _tile_boxes(spos, tile, n_st),
+                              *_point_runs(grid, tiles, *_tile_ends(s_cell, tile, n_st)), reach2)
     p_start, p_end = _point_seed_runs(grid, tiles, s_cell)
-    seed_major = _padded(end - first, group) * tc * ts       # pairs computed, padding included
+    # pairs computed, padding included
+    seed_major = _padded(torch.bincount(pairs[0], minlength=n_st)[:, None], group) * tc * ts
     point_major = _padded(p_end - p_start, ts) * tc
     if seed_major <= POINT_MAJOR_COST[kind] * point_major:
-        sums = _shift_seed_major(tiles, s_cell, spos, (slot, tile, n_st, ts), first, end,
+        sums = _shift_seed_major(tiles, s_cell, spos, (slot, tile, n_st, ts), pairs,
                                  kernel, reach2, budget, group)
     else:
         sums = _shift_point_major(tiles, spos, p_start, p_end, kernel, reach2, budget, ts)
