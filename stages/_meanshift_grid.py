@@ -39,6 +39,10 @@ BLOCK_TILES = {"cpu": 8, "cuda": 8}
 #: a seed-major pair, 2.7-3.7 ns a point-major one, from every point a seed to 0.3 % of
 #: them.  Not measured on a GPU.
 POINT_MAJOR_COST = {"cpu": 3.0, "cuda": 3.0}
+#: ``log2(e)``: the kernel's exponents are computed in base 2, since torch's ``exp2`` runs
+#: about 2.7x faster than ``exp`` on the CPU (float32, AVX-512: 0.32 against 0.85 ns a value)
+#: at the same accuracy (7e-7 relative on [-13.5, 0] against float64).
+LOG2E = 1.0 / math.log(2.0)
 #: A tile spans at most this many reaches along the last hashed dimension: the neighbours
 #: of a tile are those of its span, and its coordinates stay near the tile's mean.
 TILE_REACHES = 4
@@ -242,8 +246,8 @@ class _PointTiles(NamedTuple):
     ref : (T + 1, D) torch.Tensor
         Each tile's mean (bandwidths).
     aug : (T + 1, TC, D + 2) torch.Tensor
-        ``[c - ref, 1, -|c - ref|^2 / 2]``, for the point-major layout; padding rows are 0
-        but for ``-inf`` in the last column.
+        ``[c - ref, 1, -|c - ref|^2 / 2] * LOG2E``, for the point-major layout; padding
+        rows are 0 but for ``-inf`` in the last column.
     cell_lo, cell_hi : (T,) int64 torch.Tensor
         Cell ids of each tile's first and last point (one grid row), non-decreasing.
     box_lo, box_hi : (T + 1, D) torch.Tensor
@@ -278,7 +282,7 @@ def _point_tiles(grid):
     flat[slot] = pts
     aug = torch.zeros((n_t + 1) * tc, n_d + 2, dtype=pts.dtype, device=dev)
     aug[:, n_d + 1] = -math.inf                                    # padding: weight 0
-    aug[slot] = torch.cat([rel, ones, -0.5 * (rel * rel).sum(1, keepdim=True)], 1)
+    aug[slot] = torch.cat([rel, ones, -0.5 * (rel * rel).sum(1, keepdim=True)], 1) * LOG2E
     rhs = torch.zeros((n_t + 1) * tc, n_d + 1, dtype=pts.dtype, device=dev)
     rhs[slot] = torch.cat([pts, ones], 1)
     if grid.mass is not None:
@@ -314,7 +318,7 @@ def _tile_means(x, tile, n_tiles):
 
 def _seed_tiles(s_cell, spos, slot, tile, n_t, ts):
     """Seed-major layout: the seeds (sorted by cell) in tiles of ``ts``, as columns
-    ``[s - ref, 1, -|s - ref|^2 / 2]`` relative to each tile's mean ``ref``.
+    ``[s - ref, 1, -|s - ref|^2 / 2] * LOG2E`` relative to each tile's mean ``ref``.
 
     Returns ``ref`` (n_t, D) and ``col`` (n_t, D + 2, ts), 0 on padding.
     """
@@ -325,7 +329,7 @@ def _seed_tiles(s_cell, spos, slot, tile, n_t, ts):
     rel = spos - ref[tile]
     col = torch.zeros(n_t * ts, n_d + 2, dtype=spos.dtype, device=spos.device)
     col[slot] = torch.cat([rel, torch.ones_like(rel[:, :1]),
-                           -0.5 * (rel * rel).sum(1, keepdim=True)], 1)
+                           -0.5 * (rel * rel).sum(1, keepdim=True)], 1) * LOG2E
     return ref, col.reshape(n_t, ts, n_d + 2).transpose(1, 2).contiguous()
 
 
@@ -382,9 +386,9 @@ def _seed_major_sums(tiles, ref, col, blk_seed, blk_pts, kernel, reach2, aug, ex
     """Kernel-weighted sums of each seed-major block's points for its seed tile: ``out``
     (B, D + 1, TS), the numerators then the denominators.
 
-    The exponent ``-d^2 / 2`` of every (point, seed) pair is one product of the points'
-    ``[c, -|c|^2 / 2, 1]`` with the seeds' ``[s, 1, -|s|^2 / 2]`` (``col``), both relative to
-    the seed tile's mean ``ref``, and the sums one product of the points' ``mass * [c, 1]``
+    The exponent ``-d^2 / 2`` (base 2) of every (point, seed) pair is one product of the
+    points' ``[c, -|c|^2 / 2, 1]`` with the seeds' ``[s, 1, -|s|^2 / 2] * LOG2E`` (``col``),
+    both relative to the seed tile's mean ``ref``, and the sums one product of the points' ``mass * [c, 1]``
     with the weights.  ``aug`` (B, P, D + 2) and ``expo`` (B, P, TS) are work buffers (``P``
     points a block), the last column of ``aug`` already 1.
     """
@@ -402,17 +406,18 @@ def _seed_major_sums(tiles, ref, col, blk_seed, blk_pts, kernel, reach2, aug, ex
     return torch.bmm(rhs.transpose(1, 2), w, out=out)
 
 
-def _weights(expo, kernel, reach2):
-    """The kernel's weights from the exponents ``-d^2 / 2``, in place."""
+def _weights(expo2, kernel, reach2):
+    """The kernel's weights from the exponents ``-d^2 / 2`` in base 2 (times ``LOG2E``),
+    in place."""
     import torch
     import torch.nn.functional as F
 
     if kernel == "flat":
-        return expo.ge_(-0.5)
-    # The cut in three cheap passes: exp is several times slower on -inf or underflowing
-    # arguments, so pairs beyond reach (and padding) get exp(cut - 1), then 0.
-    cut = -0.5 * reach2
-    return F.threshold_(torch.exp_(F.threshold_(expo, cut, cut - 1.0)), 0.5 * math.exp(cut), 0.0)
+        return expo2.ge_(-0.5 * LOG2E)
+    # The cut in three cheap passes: exp2 is several times slower on -inf or underflowing
+    # arguments, so pairs beyond reach (and padding) get 2^(cut - 2), then 0.
+    cut = -0.5 * reach2 * LOG2E
+    return F.threshold_(torch.exp2_(F.threshold_(expo2, cut, cut - 2.0)), 0.5 * 2.0 ** cut, 0.0)
 
 
 def _shift_seed_major(tiles, s_cell, spos, cut_seeds, pairs, kernel, reach2, budget, group):
@@ -462,8 +467,9 @@ def _point_major_sums(tiles, spos, blk_tile, seeds, kernel, reach2):
     """Kernel-weighted sums of each point-major block's point tile for its seeds:
     (B, TS, D + 1), the numerators then the denominators.
 
-    The exponent of every pair is one product of the tile's ``[c, 1, -|c|^2 / 2]`` with
-    the seeds' ``[s, -|s|^2 / 2, 1]``, both relative to the tile's mean; ``seeds`` (B, TS)
+    The exponent of every pair (base 2) is one product of the tile's
+    ``[c, 1, -|c|^2 / 2] * LOG2E`` with the seeds' ``[s, -|s|^2 / 2, 1]``, both relative to
+    the tile's mean; ``seeds`` (B, TS)
     are rows of ``spos`` (S + 1, D), its last row padding.
     """
     import torch

@@ -114,3 +114,19 @@ def test_the_layout_follows_the_seeds_density(rng, monkeypatch):
     shift_grid(grid, x, kernel="gaussian", reach2=9.0, budget=1 << 20)
     shift_grid(grid, x[::200], kernel="gaussian", reach2=9.0, budget=1 << 20)
     assert used == ["_shift_seed_major", "_shift_point_major"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reach", [3.0, 4.0, 5.0, 6.0])
+def test_the_gaussian_is_cut_exactly_at_the_reach(reach, dtype, layout):
+    """Points just inside the reach of a seed weigh exp(-d^2/2), points just beyond it 0."""
+    d = np.array([reach - 1e-3, reach + 1e-3, reach + 0.05, 0.5 * reach])
+    direction = np.array([0.6, 0.0, 0.8, 0.0, 0.0])
+    pts = d[:, None] * direction[None, :]
+    x = torch.as_tensor(pts, dtype=dtype)
+    grid = Grid(x, reach, torch.tensor([0, 2]), 2)
+    num, den = shift_grid(grid, torch.zeros(1, 5, dtype=dtype), kernel="gaussian",
+                          reach2=reach * reach, budget=1 << 16)
+    inside = d[[0, 3]]
+    np.testing.assert_allclose(den.double().numpy(), [np.exp(-0.5 * inside ** 2).sum()],
+                               rtol=RTOL[dtype])
