@@ -88,7 +88,10 @@ class PathMerger:
     a seed that later stops in a cell another seed owns would follow that seed's path from
     there on, so it stops and follows it (``parent``).  Seeds arriving in one unowned cell
     in the same iteration follow the lowest-numbered of them.  The cells are a
-    :class:`Snapper`'s (sorted int64 keys, ``searchsorted`` lookups).
+    :class:`Snapper`'s, their int64 keys kept in a few sorted runs of decreasing length
+    (``searchsorted`` lookups in each): a new iteration's cells are a new run, merged with
+    the last while it is at least half its length, so every key is moved O(log) times in
+    all instead of once an iteration.
 
     Parameters
     ----------
@@ -103,8 +106,7 @@ class PathMerger:
         import torch
 
         self.h = hasher
-        self.keys = torch.zeros(0, dtype=torch.long, device=device)
-        self.owner = torch.zeros(0, dtype=torch.long, device=device)
+        self.runs = []                  # (sorted keys, their owners), longest first
         self.parent = torch.arange(n_seeds, device=device)
 
     def claim(self, x, ids):
@@ -113,17 +115,16 @@ class PathMerger:
         import torch
 
         k = self.h.keys_of(x)
-        follow = torch.zeros(k.numel(), dtype=torch.bool, device=k.device)
-        if self.keys.numel():
-            idx = torch.searchsorted(self.keys, k).clamp(max=self.keys.numel() - 1)
-            found = self.keys[idx] == k
-            owner = self.owner[idx]
-            follow = found & (owner != ids)
-            self.parent[ids[follow]] = owner[follow]
-            new = ~found
-        else:
-            new = torch.ones(k.numel(), dtype=torch.bool, device=k.device)
-        sel = torch.nonzero(new).reshape(-1)
+        found = torch.zeros(k.numel(), dtype=torch.bool, device=k.device)
+        owner = ids.clone()
+        for keys, owners in self.runs:
+            idx = torch.searchsorted(keys, k).clamp(max=keys.numel() - 1)
+            hit = keys[idx] == k
+            owner = torch.where(hit, owners[idx], owner)
+            found |= hit
+        follow = found & (owner != ids)
+        self.parent[ids[follow]] = owner[follow]
+        sel = torch.nonzero(~found).reshape(-1)
         if sel.numel():
             self._own_new_cells(k, ids, sel, follow)
         return ~follow
@@ -143,7 +144,10 @@ class PathMerger:
         dup = first_sel != leader
         self.parent[ids[first_sel[dup]]] = ids[leader[dup]]
         follow[first_sel[dup]] = True
-        self.keys, self.owner = _insert_sorted(self.keys, self.owner, ks[head], ids[first_sel[head]])
+        self.runs.append((ks[head], ids[first_sel[head]]))
+        while len(self.runs) > 1 and 2 * self.runs[-1][0].numel() >= self.runs[-2][0].numel():
+            new_keys, new_owners = self.runs.pop()
+            self.runs[-1] = _insert_sorted(*self.runs[-1], new_keys, new_owners)
 
     def roots(self):
         """Each seed's final owner (following chains of owners)."""
