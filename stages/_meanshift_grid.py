@@ -414,10 +414,11 @@ def _weights(expo2, kernel, reach2):
 
     if kernel == "flat":
         return expo2.ge_(-0.5 * LOG2E)
-    # The cut in three cheap passes: exp2 is several times slower on -inf or underflowing
-    # arguments, so pairs beyond reach (and padding) get 2^(cut - 2), then 0.
+    # The cut: pairs beyond reach get -inf, so weight 0.  exp2 is as fast on -inf as on
+    # the kernel's range (0.31 against 0.28 ns a value, float32, 1 thread) but twice as slow
+    # on finite arguments that underflow (0.66 ns at -200 or -130).
     cut = -0.5 * reach2 * LOG2E
-    return F.threshold_(torch.exp2_(F.threshold_(expo2, cut, cut - 2.0)), 0.5 * 2.0 ** cut, 0.0)
+    return torch.exp2_(F.threshold_(expo2, cut, -math.inf))
 
 
 def _shift_seed_major(tiles, s_cell, spos, cut_seeds, pairs, kernel, reach2, budget, group):
