@@ -35,10 +35,10 @@ TILE_SHAPES = {"cpu": (64, 32), "cuda": (64, 32)}
 #: ``BLOCK_TILES * TC`` points (its buffers stay in cache on the CPU).
 BLOCK_TILES = {"cpu": 8, "cuda": 8}
 #: Cost of a point-major (seed, point) pair relative to a seed-major one: :func:`shift_grid`
-#: takes the layout with the lesser cost.  2 CPU cores, lung1 cloud, random seeds: 1.05 ns
-#: a seed-major pair, 2.7-3.7 ns a point-major one, from every point a seed to 0.3 % of
-#: them.  Not measured on a GPU.
-POINT_MAJOR_COST = {"cpu": 3.0, "cuda": 3.0}
+#: takes the layout with the lesser cost.  2 CPU cores, lung1 cloud, random seeds from
+#: every point to 0.3 % of them: 0.6-0.9 ns a seed-major pair, 2.8-4.4 ns a point-major one.
+#: Not measured on a GPU.
+POINT_MAJOR_COST = {"cpu": 4.5, "cuda": 4.5}
 #: ``log2(e)``: the kernel's exponents are computed in base 2, since torch's ``exp2`` runs
 #: about 2.7x faster than ``exp`` on the CPU (float32, AVX-512: 0.32 against 0.85 ns a value)
 #: at the same accuracy (7e-7 relative on [-13.5, 0] against float64).
@@ -485,7 +485,8 @@ def _point_major_sums(tiles, spos, blk_tile, seeds, kernel, reach2):
     seed = torch.cat([sp, -0.5 * (sp * sp).sum(2, keepdim=True), torch.ones_like(sp[:, :, :1])], 2)
     w = _weights(torch.bmm(tiles.aug.index_select(0, blk_tile), seed.transpose(1, 2)),
                  kernel, reach2)                                                 # (B, TC, TS)
-    return torch.bmm(w.transpose(1, 2), tiles.rhs.index_select(0, blk_tile))
+    # (D + 1, TC) x (TC, TS), transposed after: 4x faster than (TS, TC) x (TC, D + 1)
+    return torch.bmm(tiles.rhs.index_select(0, blk_tile).transpose(1, 2), w).transpose(1, 2)
 
 
 def _shift_point_major(tiles, spos, start, end, kernel, reach2, budget, ts):
