@@ -317,7 +317,7 @@ def _tile_means(x, tile, n_tiles):
     return total / size.clamp(min=1)
 
 
-def _seed_tiles(s_cell, spos, slot, tile, n_t, ts):
+def _seed_tiles(spos, slot, tile, n_t, ts):
     """Seed-major layout: the seeds (sorted by cell) in tiles of ``ts``, as columns
     ``[s - ref, 1, -|s - ref|^2 / 2] * LOG2E`` relative to each tile's mean ``ref``.
 
@@ -425,13 +425,13 @@ def _weights(expo2, kernel, reach2):
     return torch.exp2_(F.threshold_(expo2, cut, -math.inf))
 
 
-def _shift_seed_major(tiles, s_cell, spos, cut_seeds, pairs, kernel, reach2, budget, group):
+def _shift_seed_major(tiles, spos, cut_seeds, pairs, kernel, reach2, budget, group):
     """Sums of the seeds (sorted by cell) in the seed-major layout: (S, D + 1)."""
     import torch
 
     slot, tile, n_st, ts = cut_seeds
     n_d, dev, dt = spos.shape[1], spos.device, spos.dtype
-    ref, col = _seed_tiles(s_cell, spos, slot, tile, n_st, ts)
+    ref, col = _seed_tiles(spos, slot, tile, n_st, ts)
     blk_seed, blk_pts = _seed_major_blocks(*pairs, n_st, group, tiles.cell_lo.numel())
     n_p = group * tiles.pts.shape[2]
     sums = torch.zeros(n_st, n_d + 1, ts, dtype=dt, device=dev)
@@ -571,7 +571,7 @@ def shift_grid(grid, pos, *, kernel, reach2, budget):
     seed_major = _padded(torch.bincount(pairs[0], minlength=n_st)[:, None], group) * tc * ts
     point_major = _padded(p_end - p_start, ts) * tc
     if seed_major <= POINT_MAJOR_COST[kind] * point_major:
-        sums = _shift_seed_major(tiles, s_cell, spos, (slot, tile, n_st, ts), pairs,
+        sums = _shift_seed_major(tiles, spos, (slot, tile, n_st, ts), pairs,
                                  kernel, reach2, budget, group)
     else:
         sums = _shift_point_major(tiles, spos, p_start, p_end, kernel, reach2, budget, ts)
