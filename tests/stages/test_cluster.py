@@ -327,6 +327,10 @@ def test_bench_cli_writes_and_merges_json(tmp_path):
     assert runs["150"]["thinned"]["n_seeds"] < 150  # one seed per seed cell
     assert runs["150"]["fast"]["n_seeds"] < 150  # bin seeding
     assert runs["150"]["default"]["speedup_vs_previous_default"] > 0
+    default = runs["150"]["default"]
+    assert len(default["seconds_each"]) == bench_cluster.DEFAULT_REPEATS == 3
+    assert default["seconds"] == pytest.approx(float(np.median(default["seconds_each"])), abs=1e-4)
+    assert default["same_labels_each_run"] is True
     assert "scan" not in data["cpu"]  # no scan timings for a given cloud
 
 
