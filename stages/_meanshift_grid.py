@@ -121,14 +121,25 @@ class Grid:
 
     def ranges_of_cells(self, base):
         """(Q, R) start and end indices into the sorted points of the cells around ``base``."""
-        import torch
+        return _runs_in(self.ids, *self.neighbour_spans(base, base))
 
-        lo_ids = (base[:, None] + self.offsets[None, :] - self.m).reshape(-1)
-        hi_ids = (base[:, None] + self.offsets[None, :] + self.m).reshape(-1)
-        start = torch.searchsorted(self.ids, lo_ids, right=False)
-        end = torch.searchsorted(self.ids, hi_ids, right=True)
-        n_q = base.shape[0]
-        return start.reshape(n_q, -1), end.reshape(n_q, -1)
+    def neighbour_spans(self, cell_lo, cell_hi):
+        """(Q, R) first and last cell ids of the neighbour cells, one span per neighbour row,
+        of each span ``[cell_lo, cell_hi]`` of one grid row: the cells within ``m`` of it
+        along each row in ``offsets``."""
+        lo = cell_lo[:, None] + self.offsets[None, :] - self.m
+        return lo, cell_hi[:, None] + self.offsets[None, :] + self.m
+
+
+def _runs_in(sorted_ids, lo, hi, ends=None):
+    """(Q, R) start and end indices of the entries of ``sorted_ids`` in the id spans
+    ``[lo, hi]`` (Q, R); with ``ends`` (last ids, non-decreasing, of entries that span ids
+    themselves: tiles), the entries crossing each span."""
+    import torch
+
+    start = torch.searchsorted(sorted_ids if ends is None else ends, lo.reshape(-1), right=False)
+    end = torch.searchsorted(sorted_ids, hi.reshape(-1), right=True)
+    return start.reshape(lo.shape), end.reshape(lo.shape)
 
 
 def _row_offsets(k, m, cell, reach, strides):
@@ -343,14 +354,7 @@ def _point_runs(grid, tiles, cell_lo, cell_hi):
     are those crossing ``[cell_lo + o - m, cell_hi + o + m]``: one contiguous run of the
     point tiles (sorted, each in one row), and no point tile falls in two runs.
     """
-    import torch
-
-    n_q = cell_lo.numel()
-    lo = (cell_lo[:, None] + grid.offsets[None, :] - grid.m).reshape(-1)
-    hi = (cell_hi[:, None] + grid.offsets[None, :] + grid.m).reshape(-1)
-    first = torch.searchsorted(tiles.cell_hi, lo, right=False).reshape(n_q, -1)
-    end = torch.searchsorted(tiles.cell_lo, hi, right=True).reshape(n_q, -1)
-    return first, end
+    return _runs_in(tiles.cell_lo, *grid.neighbour_spans(cell_lo, cell_hi), ends=tiles.cell_hi)
 
 
 def _seed_major_pairs(tiles, seed_box, first, end, reach2):
@@ -363,17 +367,17 @@ def _seed_major_pairs(tiles, seed_box, first, end, reach2):
     return st[near], pt[near]
 
 
-def _seed_major_blocks(st, pt, n_st, group, pad_tile):
+def _seed_major_blocks(st, pt, cnt, group, pad_tile):
     """Seed-major blocks: each seed tile's point tiles (``st``, ``pt``: pairs sorted by seed
-    tile) cut into groups of ``group``, the last one padded with ``pad_tile``.
+    tile; ``cnt``: the pairs of each seed tile) cut into groups of ``group``, the last one
+    padded with ``pad_tile``.
 
     Returns ``blk_seed`` (B,), the seed tile of each block (non-decreasing), and
     ``blk_pts`` (B, group), its point tiles.
     """
     import torch
 
-    dev = st.device
-    cnt = torch.bincount(st, minlength=n_st)
+    dev, n_st = st.device, cnt.numel()
     n_blk = (cnt + group - 1) // group
     total = int(n_blk.sum())
     rank = torch.arange(pt.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt)[st]
@@ -432,7 +436,7 @@ def _shift_seed_major(tiles, spos, cut_seeds, pairs, kernel, reach2, budget, gro
     slot, tile, n_st, ts = cut_seeds
     n_d, dev, dt = spos.shape[1], spos.device, spos.dtype
     ref, col = _seed_tiles(spos, slot, tile, n_st, ts)
-    blk_seed, blk_pts = _seed_major_blocks(*pairs, n_st, group, tiles.cell_lo.numel())
+    blk_seed, blk_pts = _seed_major_blocks(*pairs, group, tiles.cell_lo.numel())
     n_p = group * tiles.pts.shape[2]
     sums = torch.zeros(n_st, n_d + 1, ts, dtype=dt, device=dev)
     step = max(1, budget // (n_p * ts))
@@ -458,14 +462,7 @@ def _point_seed_runs(grid, tiles, s_cell):
     the tile's span along the row (its extra seeds are cut by distance).  A seed falls in
     at most one run of a tile: it meets each tile once.
     """
-    import torch
-
-    lo_ids = (tiles.cell_lo[:, None] + grid.offsets[None, :] - grid.m).reshape(-1)
-    hi_ids = (tiles.cell_hi[:, None] + grid.offsets[None, :] + grid.m).reshape(-1)
-    start = torch.searchsorted(s_cell, lo_ids, right=False)
-    end = torch.searchsorted(s_cell, hi_ids, right=True)
-    n_t = tiles.cell_lo.shape[0]
-    return start.reshape(n_t, -1), end.reshape(n_t, -1)
+    return _runs_in(s_cell, *grid.neighbour_spans(tiles.cell_lo, tiles.cell_hi))
 
 
 def _point_major_sums(tiles, spos, blk_tile, seeds, kernel, reach2):
@@ -564,11 +561,12 @@ def shift_grid(grid, pos, *, kernel, reach2, budget):
     s_cell, order = torch.sort(grid.cell_ids(pos), stable=True)
     spos = pos[order]
     slot, tile, n_st = _cut_tiles(grid, s_cell, ts)
-    pairs = _seed_major_pairs(tiles, _tile_boxes(spos, tile, n_st),
-                              *_point_runs(grid, tiles, *_tile_ends(s_cell, tile, n_st)), reach2)
+    st, pt = _seed_major_pairs(tiles, _tile_boxes(spos, tile, n_st),
+                               *_point_runs(grid, tiles, *_tile_ends(s_cell, tile, n_st)), reach2)
+    pairs = (st, pt, torch.bincount(st, minlength=n_st))
     p_start, p_end = _point_seed_runs(grid, tiles, s_cell)
     # pairs computed, padding included
-    seed_major = _padded(torch.bincount(pairs[0], minlength=n_st)[:, None], group) * tc * ts
+    seed_major = _padded(pairs[2][:, None], group) * tc * ts
     point_major = _padded(p_end - p_start, ts) * tc
     if seed_major <= POINT_MAJOR_COST[kind] * point_major:
         sums = _shift_seed_major(tiles, spos, (slot, tile, n_st, ts), pairs,
