@@ -220,13 +220,13 @@ def _run_size(sub, dev, presets, skip_sklearn, previous=None, exact_cache=None,
         r[name] = dict(_ms_record(res, sec, n), settings=kw)
         r[name]["_labels"] = res.labels
         if name == "default" and DEFAULT_REPEATS > 1:
-            each = [sec]
+            each, same = [sec], True
             for _ in range(DEFAULT_REPEATS - 1):
                 again, sec = _timed(mean_shift, sub, BANDWIDTH, mode="grid", device=dev, **kw)
                 each.append(sec)
-                r[name]["same_labels_each_run"] = bool(np.array_equal(again.labels, res.labels))
+                same &= bool(np.array_equal(again.labels, res.labels))
             r[name].update(_ms_record(res, float(np.median(each)), n),
-                           seconds_each=[round(x, 4) for x in each])
+                           seconds_each=[round(x, 4) for x in each], same_labels_each_run=same)
     ran = [name for name in presets if "_labels" in r[name]]
     per_iter = _exact_per_iter(sub, dev)
     r["exact_per_iter_s"] = round(per_iter, 4)
