@@ -123,7 +123,8 @@ def _ddp_worker(out_json: str, device: str, *, widths=(16, 32, 64, 128), sizes=N
     from torch.utils.data import DataLoader, TensorDataset
 
     from nets.callbacks import DistributedTrainer
-    from nets.distributed import barrier, init_distributed, is_main_process, world_size
+    from nets.distributed import (barrier, init_distributed, is_main_process, leave_distributed,
+                                  world_size)
 
     ctx = init_distributed(device)
     dev = ctx.device if ctx else torch.device(device)
@@ -152,6 +153,7 @@ def _ddp_worker(out_json: str, device: str, *, widths=(16, 32, 64, 128), sizes=N
             "processes": world_size(), "threads_per_process": torch.get_num_threads(),
             "backend": ctx.backend if ctx else None, "global_batch": batch, "steps": steps,
             "seconds": round(seconds, 3), "train_samples_per_s": round(batch * steps / seconds, 1)}))
+    leave_distributed()
 
 
 def bench_ddp(device: str, processes=(1, 2), *, widths=(16, 32, 64, 128), sizes=None,

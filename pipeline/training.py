@@ -905,6 +905,9 @@ def _settings(args: argparse.Namespace) -> dict:
 def run_from_args(args: argparse.Namespace) -> int:
     """Train with the settings of ``args.config`` overridden by the given flags; print a summary.
 
+    Under torchrun, a rank that trained leaves the job (:func:`nets.distributed.leave_distributed`)
+    before it returns 0.
+
     Parameters
     ----------
     args : argparse.Namespace
@@ -916,6 +919,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     int
         0 trained; 2 bad config or input (the reason is printed as ``error: ...``).
     """
+    from nets.distributed import leave_distributed
+
+    status = _train_from_args(args)
+    if status == 0:
+        leave_distributed()
+    return status
+
+
+def _train_from_args(args: argparse.Namespace) -> int:
     from stages.errors import ScanError
 
     try:

@@ -152,8 +152,11 @@ def test_a_list_of_batches_is_sliced_and_a_dataloader_is_rebuilt_on_a_sharded_sa
 
 
 def test_without_torchrun_there_is_no_process_group(monkeypatch):
+    from nets.distributed import leave_distributed
+
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed("cpu") is None and rank() == 0 and world_size() == 1
+    leave_distributed()  # nothing to leave: no barrier to wait at
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an int; it is set by torchrun"):
         init_distributed("cpu")
@@ -189,6 +192,9 @@ def test_two_processes_give_the_single_process_loss_curve(tmp_path, one_thread):
     assert [r["result_of_rank_0"] for r in ranks] == [{"rank": 0}, {"rank": 0}]
     assert [r["failure"] for r in ranks] == ["ValueError: no scans",
                                              "RuntimeError: rank 0 failed: ValueError: no scans"]
+    # each rank left the job before exiting (leave_distributed): no gloo thread outlives it
+    assert [json.loads((tmp_path / "ddp" / f"left-{r}.json").read_text()) for r in range(2)] == \
+        [{"initialized": False}] * 2
 
 
 def _tiny_cube_cache(path, size=16):
@@ -249,6 +255,11 @@ def _on_main_checks() -> dict:
 
 
 if __name__ == "__main__":  # a torchrun worker of the tests above
+    from nets.distributed import leave_distributed
+
     result = {**_fit_tiny(sys.argv[1]), **_on_main_checks()}
     Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
     Path(sys.argv[1], f"result-{result['rank']}.json").write_text(json.dumps(result))
+    leave_distributed()
+    Path(sys.argv[1], f"left-{result['rank']}.json").write_text(
+        json.dumps({"initialized": torch.distributed.is_initialized()}))
